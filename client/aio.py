@@ -1,0 +1,248 @@
+"""asyncio client, the same calls as `Client`, awaited.
+
+```python
+async with AsyncClient("127.0.0.1:8500") as client:
+    predictions = await client.predict("japanese_vowels", sequences)
+    async with client.session("vowels_stream") as s:
+        result = await s.send(chunk)
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from numpy.typing import ArrayLike
+from rnnserve.client.connection import (
+    CHANNEL_OPTIONS,
+    DEFAULT_RETRY,
+    NO_RETRY,
+    TLS,
+    RetryPolicy,
+    chunk,
+    metadata,
+    predict_request,
+    remaining,
+)
+from rnnserve.client.results import (
+    ModelInfo,
+    Prediction,
+    SessionInfo,
+    StepResult,
+    model_info,
+    output_mode,
+    prediction,
+    session_info,
+    step_result,
+)
+from rnnserve.v1 import inference_pb2 as pb
+from rnnserve.v1 import inference_pb2_grpc as pb_grpc
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:8500",
+        *,
+        tls: TLS | None = None,
+        token: str | None = None,
+        timeout: float | None = 30.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
+    ) -> None:
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            options = CHANNEL_OPTIONS + tls.options()
+            self.channel = grpc.aio.secure_channel(target, tls.credentials(), options=options)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._metadata = metadata(token)
+        self.timeout = timeout
+        self.retry = retry
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _call(
+        self, method: Callable[..., Any], request: Any, timeout: float | None, retry: RetryPolicy
+    ) -> Any:
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delays = retry.delays()
+        while True:
+            try:
+                return await method(request, timeout=remaining(deadline), metadata=self._metadata)
+            except grpc.aio.AioRpcError as err:
+                delay = next(delays, None)
+                left = remaining(deadline)
+                if (
+                    err.code() not in retry.codes
+                    or delay is None
+                    or (left is not None and left <= delay)
+                ):
+                    raise
+                await asyncio.sleep(delay)
+
+    async def predict(
+        self,
+        model: str,
+        sequences: Sequence[ArrayLike],
+        *,
+        version: int = 0,
+        output: str = "default",
+        top_k: int = 0,
+        outputs: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> list[Prediction]:
+        request = predict_request(
+            model, sequences, version=version, output=output, top_k=top_k, outputs=outputs
+        )
+        response = await self._call(self.stub.Predict, request, timeout, self.retry)
+        return [prediction(r) for r in response.results]
+
+    async def predict_one(self, model: str, sequence: ArrayLike, **kwargs: Any) -> Prediction:
+        return (await self.predict(model, [sequence], **kwargs))[0]
+
+    async def metadata(
+        self, model: str, version: int = 0, *, timeout: float | None = None
+    ) -> ModelInfo:
+        request = pb.GetModelMetadataRequest(model_name=model, model_version=version)
+        return model_info(
+            await self._call(self.stub.GetModelMetadata, request, timeout, self.retry)
+        )
+
+    async def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
+        return await self._call(self.stub.ListModels, pb.ListModelsRequest(), timeout, self.retry)
+
+    async def health(self, service: str = "", *, timeout: float | None = 5.0) -> bool:
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = await self._call(self._health.Check, request, timeout, NO_RETRY)
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
+    def session(
+        self,
+        model: str = "",
+        *,
+        version: int = 0,
+        session_id: str = "",
+        output: str = "both",
+        top_k: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncSession:
+        return AsyncSession(self, model, version, session_id, output, top_k, timeout)
+
+    async def open_session(
+        self, model: str, *, version: int = 0, session_id: str = ""
+    ) -> SessionInfo:
+        request = pb.OpenSessionRequest(
+            model_name=model, model_version=version, session_id=session_id
+        )
+        return session_info(await self._call(self.stub.OpenSession, request, None, self.retry))
+
+    async def step(
+        self,
+        session_id: str,
+        data: ArrayLike,
+        *,
+        offset: int | None = None,
+        output: str = "both",
+        top_k: int = 0,
+        timeout: float | None = None,
+    ) -> StepResult:
+        request = pb.StepSessionRequest(
+            session_id=session_id,
+            chunk=chunk(data, offset),
+            output_mode=output_mode(output),
+            top_k=top_k,
+        )
+        retry = self.retry if offset is not None else NO_RETRY
+        return step_result(await self._call(self.stub.StepSession, request, timeout, retry))
+
+    async def close_session(self, session_id: str) -> SessionInfo:
+        request = pb.CloseSessionRequest(session_id=session_id)
+        return session_info(await self._call(self.stub.CloseSession, request, None, NO_RETRY))
+
+    async def export_session(self, session_id: str, *, remove: bool = False) -> pb.SessionState:
+        request = pb.ExportSessionRequest(session_id=session_id, remove=remove)
+        return await self._call(self.stub.ExportSession, request, None, NO_RETRY)
+
+    async def import_session(self, state: pb.SessionState) -> SessionInfo:
+        return session_info(await self._call(self.stub.ImportSession, state, None, NO_RETRY))
+
+
+class AsyncSession:
+    """`async with client.session(model) as s: await s.send(chunk)`; see `Session`."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        model: str,
+        version: int,
+        session_id: str,
+        output: str,
+        top_k: int,
+        timeout: float | None,
+    ) -> None:
+        self._client = client
+        self._open_message = pb.StreamRequest(
+            open=pb.StreamOpen(
+                model_name=model,
+                model_version=version,
+                session_id=session_id,
+                output_mode=output_mode(output),
+                top_k=top_k,
+            )
+        )
+        self._timeout = timeout
+        self._call: Any = None
+        self.id = ""
+        self.steps = 0
+        self.info: SessionInfo | None = None
+
+    async def open(self) -> AsyncSession:
+        self._call = self._client.stub.Stream(
+            timeout=self._timeout, metadata=self._client._metadata
+        )
+        await self._call.write(self._open_message)
+        opened = (await self._call.read()).opened
+        self.info = session_info(opened)
+        self.id, self.steps = opened.session_id, opened.steps
+        return self
+
+    async def send(self, data: ArrayLike) -> StepResult:
+        await self._call.write(pb.StreamRequest(chunk=chunk(data, self.steps)))
+        result = step_result((await self._call.read()).step)
+        self.steps = result.total_steps
+        return result
+
+    async def close(self) -> None:
+        await self._call.write(pb.StreamRequest(close=True))
+        await self._call.read()
+        await self._call.done_writing()
+
+    async def detach(self) -> str:
+        """End the stream but keep the session on the server; returns its id for resuming."""
+        await self._call.done_writing()
+        while await self._call.read() is not grpc.aio.EOF:
+            pass
+        return self.id
+
+    async def __aenter__(self) -> AsyncSession:
+        return await self.open()
+
+    async def __aexit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            self._call.cancel()

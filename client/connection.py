@@ -1,0 +1,115 @@
+"""What the sync and asyncio clients share: channel options, TLS, tokens, retry policy, and the
+request messages."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from numpy.typing import ArrayLike
+from rnnserve.client.results import output_mode
+from rnnserve.client.tensors import to_tensor
+from rnnserve.v1 import inference_pb2 as pb
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry UNAVAILABLE and RESOURCE_EXHAUSTED with jittered exponential backoff, at most
+    `max_attempts` tries and never past the call's timeout."""
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.05
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+    codes: frozenset[grpc.StatusCode] = frozenset(
+        {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    )
+
+    def delays(self) -> Iterator[float]:
+        backoff = self.initial_backoff
+        for _ in range(self.max_attempts - 1):
+            yield random.uniform(0, backoff)
+            backoff = min(backoff * self.multiplier, self.max_backoff)
+
+
+DEFAULT_RETRY = RetryPolicy()
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+@dataclass(frozen=True)
+class TLS:
+    """Server CA to trust (None: system roots), and a client certificate for mutual TLS."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None  # override the name checked in the server's certificate
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca),
+            private_key=read(self.key),
+            certificate_chain=read(self.cert),
+        )
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def as_sequence(array: ArrayLike) -> np.ndarray:
+    """Floats travel as float32 features, integers as int32 token ids (int64 if they need it)."""
+    x = np.asarray(array)
+    if x.dtype.kind == "f":
+        return x.astype(np.float32, copy=False)
+    if x.dtype.kind in "iu":
+        if x.size and (x.min() < np.iinfo(np.int32).min or x.max() > np.iinfo(np.int32).max):
+            return x.astype(np.int64, copy=False)
+        return x.astype(np.int32, copy=False)
+    raise TypeError(f"sequences must hold floats or integer ids, got dtype {x.dtype}")
+
+
+def predict_request(
+    model: str,
+    sequences: Sequence[ArrayLike],
+    *,
+    version: int,
+    output: str,
+    top_k: int,
+    outputs: Sequence[str] | None,
+) -> pb.PredictRequest:
+    return pb.PredictRequest(
+        model_name=model,
+        model_version=version,
+        sequences=[to_tensor(as_sequence(s)) for s in sequences],
+        output_mode=output_mode(output),
+        top_k=top_k,
+        output_names=list(outputs or ()),
+    )
+
+
+def chunk(data: ArrayLike, offset: int | None) -> pb.Chunk:
+    message = pb.Chunk(data=to_tensor(as_sequence(data)))
+    if offset is not None:
+        message.offset = offset
+    return message

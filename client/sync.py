@@ -1,0 +1,261 @@
+"""Blocking client.
+
+```python
+from rnnserve.client import Client
+
+with Client("127.0.0.1:8500") as client:
+    [p] = client.predict("japanese_vowels", [x], top_k=3)   # x: [T, 12] float array
+    print(p.output.label)
+    with client.session("vowels_stream") as s:
+        for part in np.array_split(long_series, 20):
+            print(s.send(part).output.step_classes)
+```
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from numpy.typing import ArrayLike
+from rnnserve.client.connection import (
+    CHANNEL_OPTIONS,
+    DEFAULT_RETRY,
+    NO_RETRY,
+    TLS,
+    RetryPolicy,
+    chunk,
+    metadata,
+    predict_request,
+    remaining,
+)
+from rnnserve.client.results import (
+    ModelInfo,
+    Prediction,
+    SessionInfo,
+    StepResult,
+    model_info,
+    output_mode,
+    prediction,
+    session_info,
+    step_result,
+)
+from rnnserve.v1 import inference_pb2 as pb
+from rnnserve.v1 import inference_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+
+class Client:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:8500",
+        *,
+        tls: TLS | None = None,
+        token: str | None = None,
+        timeout: float | None = 30.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
+    ) -> None:
+        if tls is None:
+            self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            options = CHANNEL_OPTIONS + tls.options()
+            self.channel = grpc.secure_channel(target, tls.credentials(), options=options)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._metadata = metadata(token)
+        self.timeout = timeout
+        self.retry = retry
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(
+        self, method: Callable[..., T], request: Any, timeout: float | None, retry: RetryPolicy
+    ) -> T:
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delays = retry.delays()
+        while True:
+            try:
+                return method(request, timeout=remaining(deadline), metadata=self._metadata)
+            except grpc.RpcError as err:
+                delay = next(delays, None)
+                left = remaining(deadline)
+                if (
+                    err.code() not in retry.codes
+                    or delay is None
+                    or (left is not None and left <= delay)
+                ):
+                    raise
+                time.sleep(delay)
+
+    # ---- inference ----
+
+    def predict(
+        self,
+        model: str,
+        sequences: Sequence[ArrayLike],
+        *,
+        version: int = 0,
+        output: str = "default",
+        top_k: int = 0,
+        outputs: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> list[Prediction]:
+        """One prediction per sequence, in order; each is [T, D] floats or [T] token ids."""
+        request = predict_request(
+            model, sequences, version=version, output=output, top_k=top_k, outputs=outputs
+        )
+        response = self._call(self.stub.Predict, request, timeout, self.retry)
+        return [prediction(r) for r in response.results]
+
+    def predict_one(self, model: str, sequence: ArrayLike, **kwargs: Any) -> Prediction:
+        return self.predict(model, [sequence], **kwargs)[0]
+
+    def metadata(self, model: str, version: int = 0, *, timeout: float | None = None) -> ModelInfo:
+        request = pb.GetModelMetadataRequest(model_name=model, model_version=version)
+        return model_info(self._call(self.stub.GetModelMetadata, request, timeout, self.retry))
+
+    def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
+        return self._call(self.stub.ListModels, pb.ListModelsRequest(), timeout, self.retry)
+
+    def health(self, service: str = "", *, timeout: float | None = 5.0) -> bool:
+        """True when the server (or the model named `service`) is SERVING."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = self._call(self._health.Check, request, timeout, NO_RETRY)
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
+    # ---- sessions ----
+
+    def session(
+        self,
+        model: str = "",
+        *,
+        version: int = 0,
+        session_id: str = "",
+        output: str = "both",
+        top_k: int = 0,
+        timeout: float | None = None,
+    ) -> Session:
+        """A streaming session over one gRPC stream; pass `session_id` to resume one."""
+        return Session(self, model, version, session_id, output, top_k, timeout)
+
+    def open_session(self, model: str, *, version: int = 0, session_id: str = "") -> SessionInfo:
+        request = pb.OpenSessionRequest(
+            model_name=model, model_version=version, session_id=session_id
+        )
+        return session_info(self._call(self.stub.OpenSession, request, None, self.retry))
+
+    def step(
+        self,
+        session_id: str,
+        data: ArrayLike,
+        *,
+        offset: int | None = None,
+        output: str = "both",
+        top_k: int = 0,
+        timeout: float | None = None,
+    ) -> StepResult:
+        """Unary session step. With `offset`, a retried chunk is never applied twice."""
+        request = pb.StepSessionRequest(
+            session_id=session_id,
+            chunk=chunk(data, offset),
+            output_mode=output_mode(output),
+            top_k=top_k,
+        )
+        retry = self.retry if offset is not None else NO_RETRY
+        return step_result(self._call(self.stub.StepSession, request, timeout, retry))
+
+    def close_session(self, session_id: str) -> SessionInfo:
+        request = pb.CloseSessionRequest(session_id=session_id)
+        return session_info(self._call(self.stub.CloseSession, request, None, NO_RETRY))
+
+    def export_session(self, session_id: str, *, remove: bool = False) -> pb.SessionState:
+        request = pb.ExportSessionRequest(session_id=session_id, remove=remove)
+        return self._call(self.stub.ExportSession, request, None, NO_RETRY)
+
+    def import_session(self, state: pb.SessionState) -> SessionInfo:
+        return session_info(self._call(self.stub.ImportSession, state, None, NO_RETRY))
+
+
+class Session:
+    """One session on one bidirectional stream. Use as a context manager: leaving the block
+    closes the session; `detach()` instead leaves it open on the server to resume later."""
+
+    def __init__(
+        self,
+        client: Client,
+        model: str,
+        version: int,
+        session_id: str,
+        output: str,
+        top_k: int,
+        timeout: float | None,
+    ) -> None:
+        self._requests: queue.Queue[pb.StreamRequest | None] = queue.Queue()
+        self._requests.put(
+            pb.StreamRequest(
+                open=pb.StreamOpen(
+                    model_name=model,
+                    model_version=version,
+                    session_id=session_id,
+                    output_mode=output_mode(output),
+                    top_k=top_k,
+                )
+            )
+        )
+        self._call = client.stub.Stream(
+            iter(self._requests.get, None), timeout=timeout, metadata=client._metadata
+        )
+        self._responses: Iterator[pb.StreamResponse] = iter(self._call)
+        opened = next(self._responses).opened
+        self.info = session_info(opened)
+        self.id = opened.session_id
+        self.steps = opened.steps
+        self._open = True
+
+    def send(self, data: ArrayLike) -> StepResult:
+        """Stream one chunk ([T, D] or [T], any T >= 1); returns its outputs."""
+        self._requests.put(pb.StreamRequest(chunk=chunk(data, self.steps)))
+        result = step_result(next(self._responses).step)
+        self.steps = result.total_steps
+        return result
+
+    def close(self) -> None:
+        """End the session on the server and the stream."""
+        if self._open:
+            self._open = False
+            self._requests.put(pb.StreamRequest(close=True))
+            try:
+                next(self._responses)
+            finally:
+                self._requests.put(None)
+
+    def detach(self) -> str:
+        """End the stream but keep the session on the server; returns its id for resuming."""
+        if self._open:
+            self._open = False
+            self._requests.put(None)
+            for _ in self._responses:
+                pass
+        return self.id
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._call.cancel()

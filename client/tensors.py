@@ -1,0 +1,58 @@
+"""numpy arrays <-> `rnnserve.v1.Tensor` (raw little-endian bytes, a dtype and a shape).
+
+Shared by the client and the server, so both sides agree on one encoding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from rnnserve.v1 import inference_pb2 as pb
+
+_TO_NUMPY: dict[int, np.dtype] = {
+    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    pb.DATA_TYPE_INT32: np.dtype("<i4"),
+    pb.DATA_TYPE_INT64: np.dtype("<i8"),
+    pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
+    pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
+}
+_FROM_NUMPY: dict[str, int] = {dt.str[1:]: code for code, dt in _TO_NUMPY.items()}
+
+
+def dtype_name(code: int) -> str:
+    """'float32' for DATA_TYPE_FLOAT32, and so on ('unspecified' for unknown codes)."""
+    dt = _TO_NUMPY.get(code)
+    return dt.name if dt is not None else "unspecified"
+
+
+def dtype_code(dtype: np.dtype | str) -> int:
+    """The DataType enum value for a numpy dtype; ValueError if the API has no such type."""
+    dt = np.dtype(dtype)
+    code = _FROM_NUMPY.get(dt.str[1:])
+    if code is None:
+        raise ValueError(f"dtype {dt} cannot be sent; use float32 features or int32 token ids")
+    return code
+
+
+def to_tensor(array: np.ndarray) -> pb.Tensor:
+    """Encode an array (C order, little-endian) without a per-element copy."""
+    array = np.asarray(array)
+    code = dtype_code(array.dtype)
+    data = np.ascontiguousarray(array, dtype=_TO_NUMPY[code])
+    return pb.Tensor(dtype=code, shape=array.shape, data=data.tobytes())
+
+
+def from_tensor(tensor: pb.Tensor) -> np.ndarray:
+    """Decode a Tensor; ValueError naming what is wrong when dtype, shape and bytes disagree."""
+    dt = _TO_NUMPY.get(tensor.dtype)
+    if dt is None:
+        raise ValueError(f"unknown dtype code {tensor.dtype}")
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"shape {list(shape)} has a negative dimension")
+    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if len(tensor.data) != expected:
+        raise ValueError(
+            f"shape {list(shape)} of {dt.name} needs {expected} bytes, payload has "
+            f"{len(tensor.data)}"
+        )
+    return np.frombuffer(tensor.data, dtype=dt).reshape(shape)

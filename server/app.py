@@ -1,0 +1,153 @@
+"""Assemble and run the server: repository, batchers, sessions, gRPC services, metrics, health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.repository import Repository
+from rnnserve.server.security import server_credentials, token_interceptor
+from rnnserve.server.servicer import InferenceServicer
+from rnnserve.server.session_service import SessionService
+from rnnserve.server.sessions import MemorySessionStore, Session
+from rnnserve.server.settings import Settings
+from rnnserve.v1 import inference_pb2 as pb
+from rnnserve.v1 import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Server:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.health = HealthServicer()
+        self.repository = Repository(
+            settings, observer_for=self.metrics.batch_observer, listener=self._model_event
+        )
+        self.store = MemorySessionStore(
+            ttl=settings.session_ttl,
+            max_sessions=settings.max_sessions,
+            overflow=settings.session_overflow,
+            on_end=self._session_ended,
+        )
+        self.sessions = SessionService(self.repository, self.store, settings.session_ttl)
+        self.servicer = InferenceServicer(self.repository, self.sessions, self.metrics, settings)
+        self.metrics.live(self._queue_depths, lambda: len(self.store))
+        self.port = 0
+        self.metrics_port = -1
+        self._grpc: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._health_tasks: set[asyncio.Task[None]] = set()
+
+    # ---- wiring ----
+
+    def _queue_depths(self) -> list[tuple[str, int, int]]:
+        return [(m.name, m.version, m.batcher.queue_depth) for m in self.repository.served()]
+
+    def _session_ended(self, session: Session, reason: str) -> None:
+        self.metrics.session_ends.labels(reason).inc()
+        self.sessions.unpin(session, reason)
+
+    def _model_event(self, name: str, version: int, event: str, seconds: float | None) -> None:
+        self.metrics.model_event(name, version, event, seconds)
+        try:
+            self.repository.resolve(name)
+            status = _SERVING
+        except Exception:
+            status = _NOT_SERVING
+        task = asyncio.get_running_loop().create_task(self.health.set(name, status))
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
+    # ---- life cycle ----
+
+    async def start(self) -> int:
+        s = self.settings
+        await self.repository.sync()
+        if s.session_snapshot:
+            restored = self.sessions.restore(Path(s.session_snapshot))
+            log.info("restored %d sessions from %s", restored, s.session_snapshot)
+        limit = s.max_message_mb * 1024 * 1024
+        interceptors = [token_interceptor(s)] if (s.token_file or s.tokens) else []
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_InferenceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [
+                SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        address = f"{s.host}:{s.port}"
+        credentials = server_credentials(s)
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
+        if not self.port:
+            raise OSError(f"cannot bind {address}")
+        await server.start()
+        self._grpc = server
+        if s.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(s.metrics_bind, s.metrics_port)
+        await self.health.set("", _SERVING)
+        await self.health.set(SERVICE, _SERVING)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._expire_sessions()))
+        if s.poll_interval > 0:
+            self._tasks.append(loop.create_task(self.repository.watch(s.poll_interval)))
+        log.info(
+            "serving %s on %s:%d (metrics %s)",
+            ", ".join(sorted({m.name for m in self.repository.served()})) or "no models",
+            s.host,
+            self.port,
+            f"{s.metrics_bind}:{self.metrics_port}" if self.metrics_port >= 0 else "off",
+        )
+        return self.port
+
+    async def _expire_sessions(self) -> None:
+        interval = max(0.05, min(self.settings.session_ttl / 4, 5.0))
+        while True:
+            await asyncio.sleep(interval)
+            self.store.expire()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new work (UNAVAILABLE), finish in-flight work, save sessions, stop."""
+        grace = self.settings.grace if grace is None else grace
+        self.servicer.draining = True
+        await self.health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.settings.session_snapshot:
+            saved = self.sessions.save(Path(self.settings.session_snapshot))
+            log.info("saved %d sessions to %s", saved, self.settings.session_snapshot)
+        await self.repository.close()
+
+    async def wait(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.wait_for_termination()

@@ -1,0 +1,239 @@
+"""Dynamic micro-batching, one batcher per model version.
+
+The batcher dispatches at once when its model is idle; while a batch computes, new work queues, and
+the next batch is formed from the queue. A batch is grown around the oldest waiting sequence (so
+nothing starves) with the sequences closest to it in length (so a few long ones do not pad
+everything), bounded by rows and by padded timesteps (rows x longest). Work whose client gave up or
+whose deadline passed is dropped before compute. The queue is bounded: when full, `submit` refuses
+at once rather than grow memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from rnnserve.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from rnnserve.server.runner import BatchStats, ModelRunner, RowResult
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 64  # rows
+    max_batch_timesteps: int = 32768  # padded cells: rows x longest sequence
+    max_delay: float = 0.0  # seconds to wait for a fuller batch when the model is idle
+    max_queue: int = 2048  # sequences waiting; beyond it, RESOURCE_EXHAUSTED
+    equal_lengths_only: bool = False
+    workers: int = 1  # batches computed at the same time
+
+
+@dataclass(eq=False, slots=True)
+class WorkItem:
+    x: np.ndarray
+    states: Sequence[np.ndarray] | None
+    future: asyncio.Future[RowResult]
+    deadline: float | None  # loop time
+    enqueued: float  # perf_counter
+    session: object | None = None
+
+
+@dataclass
+class BatcherStats:
+    """Running totals, for metrics and tests."""
+
+    batches: int = 0
+    rows: int = 0
+    max_rows: int = 0
+    real_timesteps: int = 0
+    padded_timesteps: int = 0
+    dropped: int = 0
+
+
+BatchObserver = Callable[[BatchStats, Sequence[float]], None]
+
+
+class Batcher:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        policy: BatchPolicy,
+        *,
+        name: str = "model",
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.runner = runner
+        self.policy = policy
+        self.name = name
+        self.stats = BatcherStats()
+        self._observer = observer
+        self._pending: list[WorkItem] = []
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=policy.workers, thread_name_prefix=f"batch-{name}"
+        )
+        # Created on first use, on the running loop.
+        self._wakeup: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None  # set whenever the queue empties and work ends
+        self._tasks: list[asyncio.Task[None]] = []
+        self._in_flight = 0
+        self._closed = False
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending) or self._in_flight > 0
+
+    def submit_many(
+        self, sequences: Sequence[np.ndarray], *, deadline: float | None = None
+    ) -> list[asyncio.Future[RowResult]]:
+        """Queue several sequences at once: all are taken, or none (RESOURCE_EXHAUSTED)."""
+        if len(self._pending) + len(sequences) > self.policy.max_queue:
+            self._refuse(len(sequences))
+        return [self.submit_nowait(x, deadline=deadline) for x in sequences]
+
+    def _refuse(self, count: int) -> None:
+        raise ResourceExhausted(
+            f"queue of model {self.name} is full ({len(self._pending)} of "
+            f"{self.policy.max_queue} sequences waiting, {count} more asked); retry with backoff"
+        )
+
+    def submit_nowait(
+        self,
+        x: np.ndarray,
+        states: Sequence[np.ndarray] | None = None,
+        *,
+        deadline: float | None = None,
+        session: object | None = None,
+    ) -> asyncio.Future[RowResult]:
+        """Queue one sequence; the returned future resolves to its result."""
+        if self._closed:
+            raise Unavailable(f"model {self.name} is shutting down")
+        if len(self._pending) >= self.policy.max_queue:
+            self._refuse(1)
+        loop = asyncio.get_running_loop()
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+            self._idle = asyncio.Event()
+            self._tasks = [loop.create_task(self._work()) for _ in range(self.policy.workers)]
+        future: asyncio.Future[RowResult] = loop.create_future()
+        self._pending.append(WorkItem(x, states, future, deadline, time.perf_counter(), session))
+        self._wakeup.set()
+        return future
+
+    async def close(self) -> None:
+        """Refuse new work, finish what is queued, stop the workers."""
+        self._closed = True
+        while self.busy and self._idle is not None:
+            self._idle.clear()
+            await self._idle.wait()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._executor.shutdown(wait=True)
+
+    async def _work(self) -> None:
+        assert self._wakeup is not None
+        assert self._idle is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                if not self._in_flight:
+                    self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._maybe_wait_for_more(loop)
+            batch = self._take_batch(loop.time())
+            if not batch:
+                continue
+            self._in_flight += 1
+            try:
+                started = time.perf_counter()
+                results = await loop.run_in_executor(
+                    self._executor,
+                    self.runner.run,
+                    [item.x for item in batch],
+                    [item.states for item in batch],
+                )
+                self._record(batch, started)
+            finally:
+                self._in_flight -= 1
+            for item, result in zip(batch, results, strict=True):
+                if item.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+
+    async def _maybe_wait_for_more(self, loop: asyncio.AbstractEventLoop) -> None:
+        delay = self.policy.max_delay
+        if delay <= 0 or len(self._pending) >= self.policy.max_batch_size:
+            return
+        age = time.perf_counter() - self._pending[0].enqueued
+        if age < delay:
+            await asyncio.sleep(delay - age)
+
+    def _take_batch(self, now: float) -> list[WorkItem]:
+        live: list[WorkItem] = []
+        for item in self._pending:
+            if item.future.done():  # the caller gave up (cancelled)
+                self.stats.dropped += 1
+            elif item.deadline is not None and item.deadline <= now:
+                self.stats.dropped += 1
+                item.future.set_exception(
+                    DeadlineExceeded("deadline passed while the request was queued")
+                )
+            else:
+                live.append(item)
+        if not live:
+            self._pending = []
+            return []
+        anchor = live[0]
+        length = len(anchor.x)
+        policy = self.policy
+        if policy.equal_lengths_only:
+            candidates = [it for it in live[1:] if len(it.x) == length]
+        else:
+            candidates = sorted(live[1:], key=lambda it: abs(len(it.x) - length))
+        batch = [anchor]
+        sessions = {anchor.session} if anchor.session is not None else set()
+        longest = length
+        for item in candidates:
+            if len(batch) >= policy.max_batch_size:
+                break
+            padded = max(longest, len(item.x))
+            if padded * (len(batch) + 1) > policy.max_batch_timesteps:
+                continue
+            if item.session is not None:
+                if item.session in sessions:  # one chunk per session per batch, in order
+                    continue
+                sessions.add(item.session)
+            batch.append(item)
+            longest = padded
+        taken = set(map(id, batch))
+        self._pending = [it for it in live if id(it) not in taken]
+        return batch
+
+    def _record(self, batch: list[WorkItem], started: float) -> None:
+        lengths = [len(item.x) for item in batch]
+        padded = self.runner.padded_length(lengths) * len(batch)
+        stats = self.stats
+        stats.batches += 1
+        stats.rows += len(batch)
+        stats.max_rows = max(stats.max_rows, len(batch))
+        stats.real_timesteps += sum(lengths)
+        stats.padded_timesteps += padded
+        if self._observer is not None:
+            seconds = time.perf_counter() - started
+            waits = [started - item.enqueued for item in batch]
+            self._observer(BatchStats(len(batch), sum(lengths), padded, seconds), waits)

@@ -1,0 +1,214 @@
+"""`rnnserve` command line: serve, predict, health, models, metadata."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_TARGET = os.environ.get("RNNSERVE_TARGET", "127.0.0.1:8500")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # TensorFlow is imported here only: the client commands stay light.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from rnnserve.server import settings as settings_mod
+    from rnnserve.server.logs import configure
+
+    flags = {k: v for k, v in vars(args).items() if k not in {"command", "func"}}
+    settings = settings_mod.load(flags)
+    configure(settings.log_format, settings.log_level)
+    return asyncio.run(_run_server(settings))
+
+
+async def _run_server(settings: Any) -> int:
+    import logging
+
+    from rnnserve.server.app import Server
+
+    log = logging.getLogger("rnnserve")
+    server = Server(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight work (grace %.1fs)", settings.grace)
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+def _read_sequences(paths: Sequence[str]) -> list[np.ndarray]:
+    """.npy (one [T, D] or [T] array), .npz (one sequence per array), .csv (rows = timesteps)."""
+    sequences: list[np.ndarray] = []
+    for name in paths:
+        path = Path(name)
+        if path.suffix == ".npz":
+            with np.load(path) as archive:
+                sequences.extend(archive[key] for key in archive.files)
+        elif path.suffix == ".npy":
+            sequences.append(np.load(path))
+        elif path.suffix == ".csv":
+            sequences.append(np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float32))
+        else:
+            raise SystemExit(f"{path}: expected a .npy, .npz or .csv file")
+    return sequences
+
+
+def _tls(args: argparse.Namespace) -> Any:
+    from rnnserve.client import TLS
+
+    if not (args.ca or args.cert):
+        return None
+    return TLS(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from rnnserve.client import Client
+
+    token = args.token or os.environ.get("RNNSERVE_TOKEN")
+    return Client(args.target, tls=_tls(args), token=token, timeout=args.timeout)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    sequences = _read_sequences(args.files)
+    with _client(args) as client:
+        predictions = client.predict(
+            args.model, sequences, version=args.version, output=args.output, top_k=args.top_k
+        )
+    rows = []
+    for name, p in zip(_names(args.files, sequences), predictions, strict=True):
+        row: dict[str, Any] = {"input": name, "length": p.length}
+        for out in p.outputs.values():
+            value: dict[str, Any] = {}
+            if out.top_k:
+                value["top_k"] = [
+                    {"label": c.label, "index": c.index, "score": c.score} for c in out.top_k
+                ]
+            if out.sequence is not None:
+                value["sequence"] = out.sequence.tolist()
+            if out.steps is not None:
+                value["steps"] = out.steps.tolist()
+            row[out.name] = value
+        rows.append(row)
+    for row in rows:
+        print(json.dumps(row))
+    return 0
+
+
+def _names(files: Sequence[str], sequences: Sequence[np.ndarray]) -> list[str]:
+    names: list[str] = []
+    for name in files:
+        if name.endswith(".npz"):
+            with np.load(name) as archive:
+                names.extend(f"{name}:{key}" for key in archive.files)
+        else:
+            names.append(name)
+    return names[: len(sequences)]
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+
+    try:
+        with _client(args) as client:
+            ok = client.health(args.model)
+    except grpc.RpcError as err:
+        print(f"unhealthy: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    print("SERVING" if ok else "NOT_SERVING")
+    return 0 if ok else 1
+
+
+def _models(args: argparse.Namespace) -> int:
+    from rnnserve.v1 import inference_pb2 as pb
+
+    with _client(args) as client:
+        listing = client.list_models()
+    for model in listing.models:
+        for v in model.versions:
+            state = pb.ModelState.Name(v.state).removeprefix("MODEL_STATE_").lower()
+            error = f"  {v.error}" if v.error else ""
+            print(f"{model.name}\t{v.version}\t{state}{error}")
+    return 0
+
+
+def _metadata(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    with _client(args) as client:
+        info = client.metadata(args.model, args.version)
+    print(json.dumps(dataclasses.asdict(info), indent=2))
+    return 0
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="server address host:port")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    parser.add_argument("--token", help="bearer token (or env RNNSERVE_TOKEN)")
+    parser.add_argument("--ca", help="CA certificate to verify the server (enables TLS)")
+    parser.add_argument("--cert", help="client certificate for mutual TLS")
+    parser.add_argument("--key", help="client private key for mutual TLS")
+    parser.add_argument("--server-name", help="name expected in the server certificate")
+
+
+def parser() -> argparse.ArgumentParser:
+    from rnnserve.server.settings import add_arguments
+
+    root = argparse.ArgumentParser(prog="rnnserve", description=__doc__)
+    sub = root.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the model repository over gRPC",
+        description="Serve Keras recurrent models over gRPC. Each setting comes from its flag, "
+        "else its RNNSERVE_* environment variable, else the --config TOML file, else its default.",
+    )
+    add_arguments(serve)
+    serve.set_defaults(func=_serve)
+
+    predict = sub.add_parser("predict", help="send sequences from .npy/.npz/.csv files")
+    predict.add_argument("model")
+    predict.add_argument("files", nargs="+")
+    predict.add_argument("--version", type=int, default=0)
+    predict.add_argument(
+        "--output", default="default", choices=["default", "sequence", "steps", "both"]
+    )
+    predict.add_argument("--top-k", type=int, default=3)
+    _client_flags(predict)
+    predict.set_defaults(func=_predict)
+
+    health = sub.add_parser("health", help="exit 0 when the server (or --model) is serving")
+    health.add_argument("--model", default="", help="check one model instead of the server")
+    _client_flags(health)
+    health.set_defaults(func=_health, timeout=5.0)
+
+    models = sub.add_parser("models", help="list models, versions and their states")
+    _client_flags(models)
+    models.set_defaults(func=_models)
+
+    metadata = sub.add_parser("metadata", help="show a model's inputs, outputs and abilities")
+    metadata.add_argument("model")
+    metadata.add_argument("--version", type=int, default=0)
+    _client_flags(metadata)
+    metadata.set_defaults(func=_metadata)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Errors the server raises on purpose, and the one table that maps them to gRPC status codes.
+
+Every layer of the server raises these; only the transport (servicer) turns them into a status,
+through `status_of`. Messages say what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServeError(Exception):
+    """Base class: an error whose message is safe and useful to show the client."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidInput(ServeError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServeError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(ServeError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(ServeError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ServeError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(ServeError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class AlreadyExists(ServeError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Unauthenticated(ServeError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class InferenceFailed(ServeError):
+    """The model raised while computing a batch; only that batch's requests see it."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client receives for `exc`."""
+    if isinstance(exc, ServeError):
+        return exc.code, str(exc)
+    # Anything unexpected is a bug of ours: say so without leaking internals.
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"

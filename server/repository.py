@@ -1,0 +1,197 @@
+"""The model repository: `<root>/<name>/<version>/` directories, loaded, served and reloaded.
+
+A scan decides which versions should serve (by each model's version policy). New versions load and
+warm up off the event loop and take traffic only when ready; a version that fails to load is
+reported and never disturbs the others; a version that leaves the policy drains (no new requests,
+in-flight work and pinned sessions finish) and then unloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rnnserve.server.batching import BatchObserver
+from rnnserve.server.errors import NotFound
+from rnnserve.server.model_config import ConfigError, read_config, read_policy
+from rnnserve.server.served_model import LoadState, ServedModel, load_version
+from rnnserve.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Called on every load event: (model, version, event, seconds the load took or None), where event
+# is one of "loading", "ready", "failed", "draining", "unloaded".
+Listener = Callable[[str, int, str, float | None], None]
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    name: str
+    version: int
+    state: LoadState
+    error: str = ""
+
+
+def scan(root: Path) -> tuple[dict[str, dict[int, Path]], dict[tuple[str, int], str]]:
+    """Versions that should serve, per model, and problems found while scanning."""
+    wanted: dict[str, dict[int, Path]] = {}
+    problems: dict[tuple[str, int], str] = {}
+    if not root.is_dir():
+        raise FileNotFoundError(f"model repository {root} is not a directory")
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        versions = {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+        if not versions:
+            continue
+        try:
+            policy = read_policy(model_dir)
+        except ConfigError as exc:
+            problems[(model_dir.name, 0)] = str(exc)
+            continue
+        wanted[model_dir.name] = {v: versions[v] for v in policy.select(list(versions))}
+    return wanted, problems
+
+
+class Repository:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        observer_for: Callable[[str, int], BatchObserver | None] = lambda name, version: None,
+        listener: Listener | None = None,
+    ) -> None:
+        self.root = Path(settings.model_dir)
+        self.settings = settings
+        self._observer_for = observer_for
+        self._listener = listener
+        self._served: dict[str, dict[int, ServedModel]] = {}
+        self._failed: dict[tuple[str, int], str] = {}
+        self._loading: set[tuple[str, int]] = set()
+        self._sync_lock = asyncio.Lock()
+
+    # ---- lookups (event loop only) ----
+
+    def resolve(self, name: str, version: int = 0, *, draining_ok: bool = False) -> ServedModel:
+        """The version that serves `name` (the latest ready one when `version` is 0)."""
+        versions = self._served.get(name)
+        if not versions:
+            known = ", ".join(sorted(self._served)) or "none"
+            why = self._failed_reason(name)
+            raise NotFound(f"model {name!r} is not served{why}; models served: {known}")
+        ok = {LoadState.READY, LoadState.DRAINING} if draining_ok else {LoadState.READY}
+        ready = {v: m for v, m in versions.items() if m.state in ok}
+        if version == 0:
+            if ready:
+                return ready[max(ready)]
+        elif version in ready:
+            return ready[version]
+        listed = ", ".join(str(v) for v in sorted(ready)) or "none"
+        raise NotFound(
+            f"model {name!r} has no version {version} ready{self._failed_reason(name, version)}; "
+            f"ready versions: {listed}"
+        )
+
+    def _failed_reason(self, name: str, version: int = 0) -> str:
+        for (n, v), error in self._failed.items():
+            if n == name and version in (0, v):
+                return f" (version {v} failed to load: {error})"
+        return ""
+
+    def served(self) -> list[ServedModel]:
+        return [m for versions in self._served.values() for m in versions.values()]
+
+    def statuses(self) -> list[VersionStatus]:
+        rows = [VersionStatus(m.name, m.version, m.state) for m in self.served()]
+        rows += [VersionStatus(n, v, LoadState.LOADING) for n, v in self._loading]
+        rows += [VersionStatus(n, v, LoadState.FAILED, e) for (n, v), e in self._failed.items()]
+        return sorted(rows, key=lambda r: (r.name, r.version))
+
+    def versions_of(self, name: str) -> list[int]:
+        return sorted(self._served.get(name, {}))
+
+    # ---- life cycle ----
+
+    async def sync(self) -> None:
+        """Scan the repository; load what is new, drain what left. Safe to call repeatedly."""
+        async with self._sync_lock:
+            try:
+                wanted, problems = await asyncio.to_thread(scan, self.root)
+            except OSError as exc:
+                log.error("cannot scan model repository: %s", exc)
+                return
+            for key, error in problems.items():
+                if self._failed.get(key) != error:
+                    log.error("model %s: %s", key[0], error)
+                self._failed[key] = error
+            for name, versions in wanted.items():
+                for version, path in sorted(versions.items()):
+                    current = self._served.get(name, {}).get(version)
+                    if current is None and (name, version) not in self._failed:
+                        await self._load(name, version, path)
+            for served in self.served():
+                still_wanted = served.version in wanted.get(served.name, {})
+                if not still_wanted and served.state is LoadState.READY:
+                    self._drain(served)
+            # A version removed from disk may be retried if it comes back.
+            for key in list(self._failed):
+                if key[1] and key[1] not in wanted.get(key[0], {}):
+                    del self._failed[key]
+            await self._unload_drained()
+
+    async def _load(self, name: str, version: int, version_dir: Path) -> None:
+        self._loading.add((name, version))
+        self._notify(name, version, "loading", None)
+        try:
+            config = read_config(version_dir.parent, version_dir)
+            served = await asyncio.to_thread(
+                load_version,
+                name,
+                version,
+                version_dir,
+                config,
+                self.settings,
+                self._observer_for(name, version),
+            )
+        except Exception as exc:  # a broken model never stops the others
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("model %s version %d failed to load: %s", name, version, error)
+            self._failed[(name, version)] = error
+            self._notify(name, version, "failed", None)
+            return
+        finally:
+            self._loading.discard((name, version))
+        self._served.setdefault(name, {})[version] = served
+        self._notify(name, version, "ready", served.load_seconds)
+
+    def _drain(self, served: ServedModel) -> None:
+        log.info("model %s version %d leaves service; draining", served.name, served.version)
+        served.state = LoadState.DRAINING
+        self._notify(served.name, served.version, "draining", None)
+
+    async def _unload_drained(self) -> None:
+        for served in self.served():
+            if served.state is LoadState.DRAINING and not served.sessions:
+                if served.batcher.busy:
+                    continue  # next sync
+                await served.batcher.close()
+                del self._served[served.name][served.version]
+                if not self._served[served.name]:
+                    del self._served[served.name]
+                log.info("model %s version %d unloaded", served.name, served.version)
+                self._notify(served.name, served.version, "unloaded", None)
+
+    async def watch(self, interval: float) -> None:
+        """Re-scan every `interval` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.sync()
+
+    async def close(self) -> None:
+        for served in self.served():
+            await served.batcher.close()
+
+    def _notify(self, name: str, version: int, event: str, seconds: float | None) -> None:
+        if self._listener is not None:
+            self._listener(name, version, event, seconds)

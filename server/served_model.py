@@ -1,0 +1,169 @@
+"""One loaded model version: its plan, compiled forward, batcher, limits and metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rnnserve.server.batching import Batcher, BatchObserver, BatchPolicy
+from rnnserve.server.errors import InvalidInput
+from rnnserve.server.forward import Forward
+from rnnserve.server.model_config import ConfigError, ModelConfig
+from rnnserve.server.plan import OutputSpec, Plan, build_plan
+from rnnserve.server.runner import ModelRunner
+from rnnserve.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
+class LoadState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+@dataclass
+class ServedModel:
+    name: str
+    version: int
+    path: Path
+    config: ModelConfig
+    plan: Plan
+    runner: ModelRunner
+    batcher: Batcher
+    max_length: int
+    state: LoadState = LoadState.READY
+    load_seconds: float = 0.0
+    # Sessions pinned to this version; it unloads only when they are gone.
+    sessions: set[str] = field(default_factory=set)
+
+    @property
+    def outputs(self) -> tuple[OutputSpec, ...]:
+        return self.plan.outputs
+
+    def output_index(self, name: str) -> int:
+        for i, spec in enumerate(self.plan.outputs):
+            if spec.name == name:
+                return i
+        names = ", ".join(o.name for o in self.plan.outputs)
+        raise InvalidInput(f"model {self.name} has no output {name!r}; its outputs are {names}")
+
+
+def find_model_file(version_dir: Path) -> Path:
+    files = sorted(p for p in version_dir.iterdir() if p.suffix in MODEL_SUFFIXES and p.is_file())
+    if len(files) != 1:
+        found = ", ".join(p.name for p in files) or "none"
+        raise ConfigError(
+            f"{version_dir}: expected exactly one model file ({'/'.join(MODEL_SUFFIXES)}), "
+            f"found {found}"
+        )
+    return files[0]
+
+
+def _with_labels(plan: Plan, config: ModelConfig) -> Plan:
+    known = {o.name for o in plan.outputs}
+    unknown = set(config.labels) - known
+    if unknown:
+        raise ConfigError(
+            f"config names outputs {sorted(unknown)}; the model's outputs are {sorted(known)}"
+        )
+    outputs = []
+    for spec in plan.outputs:
+        labels = config.labels.get(spec.name, ())
+        if labels and spec.shape != (len(labels),):
+            raise ConfigError(
+                f"output {spec.name} has shape {list(spec.shape)}, "
+                f"config gives {len(labels)} labels"
+            )
+        outputs.append(dataclasses.replace(spec, labels=labels))
+    plan.outputs = tuple(outputs)
+    return plan
+
+
+def _policy(settings: Settings, config: ModelConfig, plan: Plan) -> BatchPolicy:
+    knobs: dict[str, Any] = {
+        "max_batch_size": settings.max_batch_size,
+        "max_batch_timesteps": settings.max_batch_timesteps,
+        "max_delay_ms": settings.max_delay_ms,
+        "max_queue": settings.max_queue,
+        "workers": settings.workers,
+        **config.batching,
+    }
+    return BatchPolicy(
+        max_batch_size=int(knobs["max_batch_size"]),
+        max_batch_timesteps=int(knobs["max_batch_timesteps"]),
+        max_delay=float(knobs["max_delay_ms"]) / 1000.0,
+        max_queue=int(knobs["max_queue"]),
+        workers=int(knobs["workers"]),
+        equal_lengths_only=not plan.mixed_lengths,
+    )
+
+
+def warm_up(runner: ModelRunner, policy: BatchPolicy, max_length: int) -> None:
+    """Trace and run the forward once, so the first request does not pay for compilation."""
+    plan = runner.forward.plan
+    dtype = np.dtype(plan.input_dtype)
+    length = min(max_length, 16)
+    rows = [
+        np.zeros((length, *plan.step_shape), dtype) for _ in range(min(policy.max_batch_size, 4))
+    ]
+    for batch in (rows[:1], rows):
+        results = runner.run(batch, [None] * len(batch))
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed:
+            raise failed[0]
+
+
+def load_version(
+    name: str,
+    version: int,
+    version_dir: Path,
+    config: ModelConfig,
+    settings: Settings,
+    observer: BatchObserver | None = None,
+) -> ServedModel:
+    """Load, plan, compile and warm up one version. Blocking: call it off the event loop."""
+    import keras  # heavy: imported where models load, not where the client runs
+
+    started = time.perf_counter()
+    path = find_model_file(version_dir)
+    model = keras.saving.load_model(path, compile=False, safe_mode=not settings.allow_code)
+    plan = _with_labels(build_plan(model, allow_code=settings.allow_code), config)
+    limits = [settings.max_length, config.max_length, plan.fixed_length]
+    max_length = min(v for v in limits if v is not None)
+    runner = ModelRunner(Forward(plan))
+    policy = _policy(settings, config, plan)
+    if settings.warmup:
+        warm_up(runner, policy, max_length)
+    batcher = Batcher(runner, policy, name=f"{name}:{version}", observer=observer)
+    served = ServedModel(
+        name=name,
+        version=version,
+        path=path,
+        config=config,
+        plan=plan,
+        runner=runner,
+        batcher=batcher,
+        max_length=max_length,
+        load_seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "loaded %s version %d from %s in %.2fs: mode=%s outputs=%s%s",
+        name,
+        version,
+        path,
+        served.load_seconds,
+        plan.mode.value,
+        [o.name for o in plan.outputs],
+        "".join(f"; {note}" for note in plan.notes),
+    )
+    return served

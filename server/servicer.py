@@ -1,0 +1,287 @@
+"""The gRPC front door of rnnserve.v1: decode, hand to the data plane, encode.
+
+Every handler runs inside `_Call`, which turns errors into a status through `errors.status_of` (the
+one table) and counts the outcome in metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from rnnserve.server.errors import InvalidInput, ServeError, Unavailable, status_of
+from rnnserve.server.inputs import decode_request
+from rnnserve.server.metrics import UNKNOWN_MODEL, Metrics
+from rnnserve.server.outputs import encode_row, select
+from rnnserve.server.repository import Repository
+from rnnserve.server.served_model import LoadState, ServedModel
+from rnnserve.server.session_service import SessionService
+from rnnserve.server.settings import Settings
+from rnnserve.v1 import inference_pb2 as pb
+from rnnserve.v1 import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_STATE = {
+    LoadState.LOADING: pb.MODEL_STATE_LOADING,
+    LoadState.READY: pb.MODEL_STATE_READY,
+    LoadState.DRAINING: pb.MODEL_STATE_DRAINING,
+    LoadState.FAILED: pb.MODEL_STATE_FAILED,
+}
+_DTYPE = {"float32": pb.DATA_TYPE_FLOAT32, "int32": pb.DATA_TYPE_INT32}
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+
+class _Call:
+    """Times one RPC (or stream chunk), maps its errors to a status, records the outcome."""
+
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self.metrics = metrics
+        self.method = method
+        self.model = UNKNOWN_MODEL
+        self.version = 0
+        self.code = grpc.StatusCode.OK
+        self.started = time.perf_counter()
+
+    def serving(self, model: ServedModel) -> ServedModel:
+        self.model, self.version = model.name, model.version
+        return model
+
+    def failed(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        self.code, message = status_of(exc)
+        if not isinstance(exc, ServeError):
+            log.exception("unexpected error in %s", self.method, exc_info=exc)
+        return self.code, message
+
+    def done(self) -> None:
+        seconds = time.perf_counter() - self.started
+        self.metrics.request(self.model, self.version, self.method, self.code, seconds)
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(
+        self,
+        repository: Repository,
+        sessions: SessionService,
+        metrics: Metrics,
+        settings: Settings,
+    ) -> None:
+        self.repository = repository
+        self.sessions = sessions
+        self.metrics = metrics
+        self.settings = settings
+        self.draining = False
+
+    async def _unary(self, method: str, context: grpc.aio.ServicerContext, body: Any) -> Any:
+        call = _Call(self.metrics, method)
+        try:
+            if self.draining:
+                raise Unavailable("server is shutting down; retry on another replica")
+            return await body(call)
+        except asyncio.CancelledError:
+            call.code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, message = call.failed(exc)
+            await context.abort(code, message)
+        finally:
+            call.done()
+
+    # ---- prediction ----
+
+    async def Predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictResponse:
+        async def body(call: _Call) -> pb.PredictResponse:
+            model = call.serving(self.repository.resolve(request.model_name, request.model_version))
+            selection = select(model, request.output_mode, request.output_names, request.top_k)
+            sequences = decode_request(
+                model,
+                request.sequences,
+                max_sequences=self.settings.max_sequences,
+                max_timesteps=self.settings.max_request_timesteps,
+            )
+            futures = model.batcher.submit_many(sequences, deadline=deadline_of(context))
+            try:
+                rows = await asyncio.gather(*futures)
+            finally:
+                for future in futures:
+                    future.cancel()  # no-op once done; drops the rest if one failed
+            return pb.PredictResponse(
+                model_name=model.name,
+                model_version=model.version,
+                results=[
+                    encode_row(model, row, len(x), selection)
+                    for row, x in zip(rows, sequences, strict=True)
+                ],
+            )
+
+        return await self._unary("Predict", context, body)
+
+    async def GetModelMetadata(
+        self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadata:
+        async def body(call: _Call) -> pb.ModelMetadata:
+            model = call.serving(self.repository.resolve(request.model_name, request.model_version))
+            return self.metadata(model)
+
+        return await self._unary("GetModelMetadata", context, body)
+
+    def metadata(self, model: ServedModel) -> pb.ModelMetadata:
+        plan = model.plan
+        return pb.ModelMetadata(
+            name=model.name,
+            version=model.version,
+            available_versions=self.repository.versions_of(model.name),
+            description=model.config.description,
+            input_dtype=_DTYPE[plan.input_dtype],
+            step_shape=plan.step_shape,
+            max_length=model.max_length,
+            outputs=[
+                pb.OutputMetadata(
+                    name=o.name,
+                    kind=pb.OUTPUT_KIND_STEP if o.per_step else pb.OUTPUT_KIND_SEQUENCE,
+                    shape=o.shape,
+                    labels=o.labels,
+                )
+                for o in plan.outputs
+            ],
+            can_stream=plan.can_stream,
+            mixed_length_batching=plan.mixed_lengths,
+            notes=plan.notes,
+            states=[pb.StateMetadata(layer=s.layer, sizes=s.sizes) for s in plan.states],
+            state=_STATE[model.state],
+        )
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        async def body(call: _Call) -> pb.ListModelsResponse:
+            response = pb.ListModelsResponse()
+            summaries: dict[str, pb.ModelSummary] = {}
+            for status in self.repository.statuses():
+                summary = summaries.get(status.name)
+                if summary is None:
+                    summary = summaries[status.name] = response.models.add(name=status.name)
+                if status.version:
+                    summary.versions.add(
+                        version=status.version, state=_STATE[status.state], error=status.error
+                    )
+            return response
+
+        return await self._unary("ListModels", context, body)
+
+    # ---- sessions ----
+
+    async def OpenSession(
+        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SessionInfo:
+        async def body(call: _Call) -> pb.SessionInfo:
+            session = self.sessions.open(
+                request.model_name, request.model_version, request.session_id
+            )
+            call.model, call.version = session.model, session.version
+            return self.sessions.info(session)
+
+        return await self._unary("OpenSession", context, body)
+
+    async def StepSession(
+        self, request: pb.StepSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StepResponse:
+        async def body(call: _Call) -> pb.StepResponse:
+            return await self.sessions.step(
+                request.session_id,
+                request.chunk,
+                mode=request.output_mode,
+                top_k=request.top_k,
+                deadline=deadline_of(context),
+            )
+
+        return await self._unary("StepSession", context, body)
+
+    async def CloseSession(
+        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SessionInfo:
+        async def body(call: _Call) -> pb.SessionInfo:
+            return self.sessions.close(request.session_id)
+
+        return await self._unary("CloseSession", context, body)
+
+    async def ExportSession(
+        self, request: pb.ExportSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SessionState:
+        async def body(call: _Call) -> pb.SessionState:
+            return self.sessions.export(request.session_id, request.remove)
+
+        return await self._unary("ExportSession", context, body)
+
+    async def ImportSession(
+        self, request: pb.SessionState, context: grpc.aio.ServicerContext
+    ) -> pb.SessionInfo:
+        async def body(call: _Call) -> pb.SessionInfo:
+            return self.sessions.info(self.sessions.import_(request))
+
+        return await self._unary("ImportSession", context, body)
+
+    async def Stream(
+        self, requests: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamResponse]:
+        """One stream is one session. An error ends the stream but never the session: nothing of
+        the failed chunk is applied, and the client can resume by id."""
+        call = _Call(self.metrics, "Stream")
+        try:
+            if self.draining:
+                raise Unavailable("server is shutting down; retry on another replica")
+            first = await anext(aiter(requests), None)
+            if first is None or first.WhichOneof("kind") != "open":
+                raise InvalidInput("the first message of a stream must be `open`")
+            opening = first.open
+            if opening.session_id:
+                session = self.sessions.store.get(opening.session_id)
+                if opening.model_name and opening.model_name != session.model:
+                    raise InvalidInput(
+                        f"session {session.id} belongs to model {session.model}, "
+                        f"not {opening.model_name}"
+                    )
+            else:
+                session = self.sessions.open(opening.model_name, opening.model_version)
+            call.model, call.version = session.model, session.version
+            selection = self.sessions.selection(session, opening.output_mode, opening.top_k)
+            yield pb.StreamResponse(opened=self.sessions.info(session))
+            async for message in requests:
+                kind = message.WhichOneof("kind")
+                if kind == "close":
+                    yield pb.StreamResponse(closed=self.sessions.close(session.id))
+                    return
+                if kind != "chunk":
+                    raise InvalidInput(f"expected a chunk or close message, got {kind}")
+                chunk = _Call(self.metrics, "StreamChunk")
+                chunk.model, chunk.version = session.model, session.version
+                try:
+                    if self.draining:
+                        raise Unavailable("server is shutting down; resume this session later")
+                    step = await self.sessions.step(
+                        session.id, message.chunk, selection, deadline=deadline_of(context)
+                    )
+                except Exception as exc:
+                    chunk.code = status_of(exc)[0]  # counted here, logged once by the stream
+                    raise
+                finally:
+                    chunk.done()
+                yield pb.StreamResponse(step=step)
+        except asyncio.CancelledError:
+            call.code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, message = call.failed(exc)
+            await context.abort(code, message)
+        finally:
+            call.done()

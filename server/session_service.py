@@ -1,0 +1,221 @@
+"""Session operations shared by the streaming RPC and the unary session calls: open, step, close,
+export, import, and the snapshot written on shutdown and read at start."""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from rnnserve.client.tensors import from_tensor, to_tensor
+from rnnserve.server.errors import FailedPrecondition, InvalidInput, NotFound, ServeError
+from rnnserve.server.inputs import decode_sequence
+from rnnserve.server.outputs import Selection, encode_row, select
+from rnnserve.server.repository import Repository
+from rnnserve.server.served_model import ServedModel
+from rnnserve.server.sessions import (
+    UNLOADED,
+    Session,
+    SessionStore,
+    check_session_id,
+    new_session_id,
+)
+from rnnserve.v1 import inference_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class SessionService:
+    def __init__(self, repository: Repository, store: SessionStore, ttl: float) -> None:
+        self.repository = repository
+        self.store = store
+        self.ttl = ttl
+
+    def unpin(self, session: Session, reason: str) -> None:
+        """Store listener: a session ended, so its model version no longer waits for it."""
+        try:
+            model = self.repository.resolve(session.model, session.version, draining_ok=True)
+        except NotFound:
+            return
+        model.sessions.discard(session.id)
+
+    def info(self, session: Session) -> pb.SessionInfo:
+        return pb.SessionInfo(
+            session_id=session.id,
+            model_name=session.model,
+            model_version=session.version,
+            steps=session.steps,
+            idle_ttl_seconds=self.ttl,
+        )
+
+    def _streamable(self, name: str, version: int, *, draining_ok: bool = False) -> ServedModel:
+        model = self.repository.resolve(name, version, draining_ok=draining_ok)
+        if not model.plan.can_stream:
+            why = "; ".join(model.plan.notes) or "it is not causal"
+            raise FailedPrecondition(f"model {name} version {model.version} cannot stream: {why}")
+        return model
+
+    def open(self, name: str, version: int = 0, session_id: str = "") -> Session:
+        model = self._streamable(name, version)
+        session = Session(
+            id=check_session_id(session_id) if session_id else new_session_id(),
+            model=model.name,
+            version=model.version,
+            steps=0,
+            state=bytes(4 * sum(model.plan.state_sizes)),
+            last_used=time.monotonic(),
+        )
+        self.store.add(session)
+        model.sessions.add(session.id)
+        return session
+
+    def model_of(self, session: Session) -> ServedModel:
+        try:
+            return self.repository.resolve(session.model, session.version, draining_ok=True)
+        except NotFound:
+            self.store.remove(session.id, UNLOADED)
+            raise
+
+    def selection(self, session: Session, mode: int, top_k: int) -> Selection:
+        return select(self.model_of(session), mode, (), top_k)
+
+    async def step(
+        self,
+        session_id: str,
+        chunk: pb.Chunk,
+        selection: Selection | None = None,
+        *,
+        mode: int = pb.OUTPUT_MODE_BOTH,
+        top_k: int = 0,
+        deadline: float | None = None,
+    ) -> pb.StepResponse:
+        """Apply one chunk. On any error nothing is applied, so the chunk can be sent again."""
+        session = self.store.get(check_session_id(session_id))
+        model = self.model_of(session)
+        if session.busy:
+            raise FailedPrecondition(
+                f"session {session.id} is busy with another chunk; send chunks one at a time"
+            )
+        if chunk.HasField("offset") and chunk.offset != session.steps:
+            raise FailedPrecondition(
+                f"chunk out of order for session {session.id}: it starts at offset {chunk.offset} "
+                f"but the session has consumed {session.steps} timesteps; nothing was applied"
+            )
+        x = decode_sequence(model, chunk.data, f"chunk of session {session.id}")
+        if selection is None:
+            selection = select(model, mode, (), top_k)
+        session.busy = True
+        try:
+            states = session.states(model.plan.state_sizes)
+            row = await model.batcher.submit_nowait(x, states, deadline=deadline, session=session)
+            session.set_states(row.states)
+            session.steps += len(x)
+        finally:
+            session.busy = False
+            session.last_used = time.monotonic()
+        return pb.StepResponse(
+            session_id=session.id,
+            steps=session.steps,
+            result=encode_row(model, row, len(x), selection),
+        )
+
+    def close(self, session_id: str) -> pb.SessionInfo:
+        session = self.store.get(check_session_id(session_id))
+        if session.busy:
+            raise FailedPrecondition(f"session {session.id} is busy with a chunk; close it after")
+        self.store.remove(session.id)
+        return self.info(session)
+
+    def export(self, session_id: str, remove: bool = False) -> pb.SessionState:
+        session = self.store.get(check_session_id(session_id))
+        model = self.model_of(session)
+        state = pb.SessionState(
+            session_id=session.id,
+            model_name=session.model,
+            model_version=session.version,
+            steps=session.steps,
+            states=[to_tensor(s) for s in session.states(model.plan.state_sizes)],
+        )
+        if remove:
+            self.close(session_id)
+        return state
+
+    def import_(self, state: pb.SessionState) -> Session:
+        if state.model_version <= 0:
+            raise InvalidInput("a session state names its model version; got none")
+        model = self._streamable(state.model_name, state.model_version, draining_ok=True)
+        sizes = model.plan.state_sizes
+        try:
+            arrays = [from_tensor(t) for t in state.states]
+        except ValueError as exc:
+            raise InvalidInput(f"session state: {exc}") from None
+        got = [a.shape for a in arrays]
+        if got != [(s,) for s in sizes]:
+            raise InvalidInput(
+                f"session state for {model.name} version {model.version} needs state tensors of "
+                f"sizes {sizes}, got shapes {[list(g) for g in got]}"
+            )
+        if not all(np.isfinite(a).all() for a in arrays):
+            raise InvalidInput("session state holds NaN or Inf")
+        if state.steps < 0:
+            raise InvalidInput(f"session state has negative steps {state.steps}")
+        session = Session(
+            id=check_session_id(state.session_id) if state.session_id else new_session_id(),
+            model=model.name,
+            version=model.version,
+            steps=state.steps,
+            state=b"",
+            last_used=time.monotonic(),
+        )
+        if arrays:
+            session.set_states([a.astype(np.float32) for a in arrays])
+        self.store.add(session)
+        model.sessions.add(session.id)
+        return session
+
+    # ---- snapshots ----
+
+    def save(self, path: Path) -> int:
+        """Write every session to `path` (length-prefixed SessionState messages), atomically."""
+        tmp = path.with_name(path.name + ".tmp")
+        count = 0
+        with tmp.open("wb") as out:
+            for session in self.store:
+                try:
+                    message = self.export(session.id).SerializeToString()
+                except ServeError as exc:
+                    log.warning("session %s not saved: %s", session.id, exc)
+                    continue
+                out.write(_LENGTH.pack(len(message)))
+                out.write(message)
+                count += 1
+        os.replace(tmp, path)
+        return count
+
+    def restore(self, path: Path) -> int:
+        if not path.is_file():
+            return 0
+        restored = 0
+        for state in _read_states(path.read_bytes()):
+            try:
+                self.import_(state)
+                restored += 1
+            except ServeError as exc:
+                log.warning("session %s not restored: %s", state.session_id, exc)
+        return restored
+
+
+_LENGTH = struct.Struct("<I")  # snapshot records: 4-byte length, then a SessionState
+
+
+def _read_states(data: bytes) -> Iterable[pb.SessionState]:
+    pos = 0
+    while pos < len(data):
+        (size,) = _LENGTH.unpack_from(data, pos)
+        pos += _LENGTH.size
+        yield pb.SessionState.FromString(data[pos : pos + size])
+        pos += size

@@ -1,0 +1,148 @@
+"""Server settings: one object, fed by command-line flags > `RNNSERVE_*` environment variables >
+a TOML config file (`--config`, section `[server]` or top level) > defaults.
+
+Each field below is one setting; its flag is `--field-name` and its variable `RNNSERVE_FIELD_NAME`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _default_model_dir() -> str:
+    # A source checkout serves its own models/; an installed package serves ./models.
+    return str(_REPO_MODELS if _REPO_MODELS.is_dir() else Path("models"))
+
+
+def _setting(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "address to bind (0.0.0.0 to listen on every interface)")
+    port: int = _setting(8500, "gRPC port (0 picks a free one)")
+    model_dir: str = _setting(_default_model_dir(), "model repository: <dir>/<name>/<version>/")
+    metrics_port: int = _setting(8501, "Prometheus /metrics HTTP port (-1 disables, 0 picks one)")
+    metrics_host: str = _setting("", "address for /metrics (default: same as --host)")
+    # Batching defaults; a model's config.json may override them.
+    max_batch_size: int = _setting(64, "most sequences in one batch")
+    max_batch_timesteps: int = _setting(
+        32768, "most padded timesteps in one batch (rows x longest)"
+    )
+    max_delay_ms: float = _setting(0.0, "wait up to this long for a fuller batch when idle")
+    max_queue: int = _setting(4096, "most sequences waiting per model version")
+    workers: int = _setting(1, "batches computed at the same time per model version")
+    # Request limits.
+    max_length: int = _setting(100_000, "most timesteps in one sequence (models may set less)")
+    max_sequences: int = _setting(1024, "most sequences in one Predict request")
+    max_request_timesteps: int = _setting(1_000_000, "most timesteps in one request, summed")
+    max_message_mb: int = _setting(64, "largest gRPC message, in MiB")
+    # Sessions.
+    session_ttl: float = _setting(600.0, "seconds of idleness before a session is evicted")
+    max_sessions: int = _setting(100_000, "most open sessions")
+    session_overflow: str = _setting(
+        "evict",
+        "when max_sessions is reached: evict the least recently used, or refuse",
+        choices=("evict", "refuse"),
+    )
+    session_snapshot: str = _setting(
+        "", "file to save sessions to on shutdown and restore at start"
+    )
+    # Models.
+    poll_interval: float = _setting(0.0, "seconds between model repository scans (0: no reload)")
+    allow_code: bool = _setting(False, "load models that carry code (Lambda layers, unsafe mode)")
+    warmup: bool = _setting(True, "compile each model for typical shapes before it takes traffic")
+    # Operations.
+    grace: float = _setting(20.0, "seconds to finish in-flight work on SIGTERM before exiting")
+    log_format: str = _setting("text", "log format", choices=("text", "json"))
+    log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))
+    # Security.
+    tls_cert: str = _setting("", "server certificate (PEM); enables TLS")
+    tls_key: str = _setting("", "server private key (PEM)")
+    tls_client_ca: str = _setting("", "CA bundle to verify client certificates (mutual TLS)")
+    token_file: str = _setting("", "file of accepted bearer tokens, one per line")
+    tokens: str = _setting("", "accepted bearer tokens, comma-separated (prefer --token-file)")
+
+    @property
+    def metrics_bind(self) -> str:
+        return self.metrics_host or self.host
+
+
+def _fields() -> list[dataclasses.Field[Any]]:
+    return list(dataclasses.fields(Settings))
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
+    kind = type(f.default)
+    try:
+        if kind is bool and isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(value)
+            result: Any = lowered in {"1", "true", "yes", "on"}
+        else:
+            result = kind(value)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"{source}: {f.name} expects {kind.__name__}, got {value!r}") from exc
+    choices = f.metadata.get("choices")
+    if choices and result not in choices:
+        raise SystemExit(f"{source}: {f.name} must be one of {', '.join(choices)}, got {value!r}")
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; defaults stay None so that unset flags fall through to env/file."""
+    parser.add_argument("--config", help="TOML settings file ([server] section)")
+    for f in _fields():
+        flag = "--" + f.name.replace("_", "-")
+        env = "RNNSERVE_" + f.name.upper()
+        help_text = f"{f.metadata['help']} [env {env}; default {f.default!r}]"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(
+                flag, type=str, metavar=type(f.default).__name__.upper(), help=help_text
+            )
+
+
+def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Resolve settings from parsed flags, the environment and the config file they name."""
+    flags = dict(flags or {})
+    env = os.environ if env is None else env
+    config_path = flags.pop("config", None) or env.get("RNNSERVE_CONFIG")
+    file_values: dict[str, Any] = {}
+    if config_path:
+        try:
+            data = tomllib.loads(Path(config_path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SystemExit(f"config file {config_path}: {exc}") from exc
+        file_values = data.get("server", data)
+        unknown = set(file_values) - {f.name for f in _fields()}
+        if unknown:
+            raise SystemExit(f"config file {config_path}: unknown settings {sorted(unknown)}")
+    values: dict[str, Any] = {}
+    for f in _fields():
+        if flags.get(f.name) is not None:
+            values[f.name] = _coerce(f, flags[f.name], "--" + f.name.replace("_", "-"))
+        elif ("RNNSERVE_" + f.name.upper()) in env:
+            name = "RNNSERVE_" + f.name.upper()
+            values[f.name] = _coerce(f, env[name], name)
+        elif f.name in file_values:
+            values[f.name] = _coerce(f, file_values[f.name], str(config_path))
+    return Settings(**values)
+
+
+def from_args(argv: Sequence[str]) -> Settings:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return load(vars(parser.parse_args(list(argv))))
