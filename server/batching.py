@@ -2,10 +2,12 @@
 
 The batcher dispatches at once when its model is idle; while a batch computes, new work queues, and
 the next batch is formed from the queue. A batch is grown around the oldest waiting sequence (so
-nothing starves) with the sequences closest to it in length (so a few long ones do not pad
-everything), bounded by rows and by padded timesteps (rows x longest). Work whose client gave up or
-whose deadline passed is dropped before compute. The queue is bounded: when full, `submit` refuses
-at once rather than grow memory.
+nothing starves) with the sequences closest to it in length, bounded by rows and by padded timesteps
+(rows x longest). A sequence joins only if that costs less than running it on its own later, by the
+model's measured cost `steps x (step_cost + row_cost x rows)`: where each timestep's fixed overhead
+dominates (small models) short and long sequences share a batch; where rows dominate, a few long
+sequences do not pad everything. Work whose client gave up or whose deadline passed is dropped
+before compute. The queue is bounded: when full, submitting refuses at once rather than grow.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ class BatchPolicy:
     max_queue: int = 2048  # sequences waiting; beyond it, RESOURCE_EXHAUSTED
     equal_lengths_only: bool = False
     workers: int = 1  # batches computed at the same time
+    # Cost of a batch: padded steps x (step_cost + row_cost x rows), in any unit; measured per
+    # model at warm-up. By default a sequence joins a batch up to 9x longer than itself.
+    step_cost: float = 8.0
+    row_cost: float = 1.0
+
+    def cost(self, rows: int, steps: int) -> float:
+        return steps * (self.step_cost + self.row_cost * rows)
 
 
 @dataclass(eq=False, slots=True)
@@ -214,6 +223,9 @@ class Batcher:
             padded = max(longest, len(item.x))
             if padded * (len(batch) + 1) > policy.max_batch_timesteps:
                 continue
+            joining = policy.cost(len(batch) + 1, padded) - policy.cost(len(batch), longest)
+            if joining > policy.cost(1, len(item.x)):
+                continue  # cheaper to run it with sequences of its own length
             if item.session is not None:
                 if item.session in sessions:  # one chunk per session per batch, in order
                     continue

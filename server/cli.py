@@ -14,7 +14,11 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_TARGET = os.environ.get("RNNSERVE_TARGET", "127.0.0.1:8500")
+# Client commands talk to the local server unless told otherwise; in a container the health
+# check follows the port the server was given.
+DEFAULT_TARGET = os.environ.get(
+    "RNNSERVE_TARGET", f"127.0.0.1:{os.environ.get('RNNSERVE_PORT', '8500')}"
+)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -230,13 +230,9 @@ def _node_inputs(node: Any) -> tuple[list[Any], bool]:
     args, kwargs = node.arguments.args, node.arguments.kwargs
     for key, value in kwargs.items():
         tensors = [v for v in keras.tree.flatten(value) if isinstance(v, keras.KerasTensor)]
-        # Keras passes the mask it propagated as `mask=`; we recompute that one. Any other
-        # tensor given by keyword is wiring we do not follow.
-        auto_mask = key == "mask" and all(
-            t is getattr(a, "_keras_mask", None)
-            for t, a in zip(tensors, _positional_tensors(node), strict=False)
-        )
-        if tensors and not auto_mask:
+        # Keras records the mask it propagated as `mask=`; we recompute masks by the same rules
+        # (and the load-time self-check catches a mask wired any other way).
+        if tensors and key != "mask":
             raise _Unsupported(f"layer {node.operation.name} takes tensor argument {key!r}")
     if len(args) != 1:
         raise _Unsupported(f"layer {node.operation.name} takes {len(args)} positional inputs")
@@ -259,8 +255,11 @@ def _output_names(graph: Any) -> list[str]:
     return names
 
 
-def build_plan(model: Any, *, allow_code: bool = False) -> Plan:
-    """Plan `model` for serving; raises InvalidInput for models the server cannot serve at all."""
+def build_plan(model: Any, *, allow_code: bool = False, equal_length_because: str = "") -> Plan:
+    """Plan `model` for serving; raises InvalidInput for models the server cannot serve at all.
+
+    `equal_length_because` forces the equal-length plan, giving the reason (a failed self-check).
+    """
     graph = _graph(model)
     if len(graph.inputs) != 1:
         raise InvalidInput(f"models with one input are supported, this one has {len(graph.inputs)}")
@@ -294,6 +293,8 @@ def build_plan(model: Any, *, allow_code: bool = False) -> Plan:
         output_keys=tuple(id(t) for t in graph.outputs),
     )
     try:
+        if equal_length_because:
+            raise _Unsupported(equal_length_because)
         return _exact_plan(graph, nodes, names, base)
     except _Unsupported as why:
         return _equal_length_plan(model, graph, nodes, names, base, str(why))

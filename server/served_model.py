@@ -17,6 +17,7 @@ from rnnserve.server.forward import Forward
 from rnnserve.server.model_config import ConfigError, ModelConfig
 from rnnserve.server.plan import OutputSpec, Plan, build_plan
 from rnnserve.server.runner import ModelRunner
+from rnnserve.server.selfcheck import mismatch
 from rnnserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,19 +109,30 @@ def _policy(settings: Settings, config: ModelConfig, plan: Plan) -> BatchPolicy:
     )
 
 
-def warm_up(runner: ModelRunner, policy: BatchPolicy, max_length: int) -> None:
-    """Trace and run the forward once, so the first request does not pay for compilation."""
+def warm_up(runner: ModelRunner, policy: BatchPolicy, max_length: int) -> BatchPolicy:
+    """Compile and run the forward before traffic comes, and measure what a batch costs: the
+    time per padded step for one row and for a full batch gives the policy's step and row costs."""
     plan = runner.forward.plan
     dtype = np.dtype(plan.input_dtype)
-    length = min(max_length, 16)
-    rows = [
-        np.zeros((length, *plan.step_shape), dtype) for _ in range(min(policy.max_batch_size, 4))
-    ]
-    for batch in (rows[:1], rows):
-        results = runner.run(batch, [None] * len(batch))
-        failed = [r for r in results if isinstance(r, Exception)]
-        if failed:
-            raise failed[0]
+    length = min(max_length, 32)
+    rows = max(2, policy.max_batch_size)
+    batch = [np.zeros((length, *plan.step_shape), dtype) for _ in range(rows)]
+
+    def seconds(sequences: list[np.ndarray]) -> float:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            results = runner.run(sequences, [None] * len(sequences))
+            times.append(time.perf_counter() - started)
+            failed = [r for r in results if isinstance(r, Exception)]
+            if failed:
+                raise failed[0]
+        return sorted(times)[1]
+
+    one, full = seconds(batch[:1]), seconds(batch)
+    row_cost = max((full - one) / (length * (rows - 1)), 1e-9)
+    step_cost = max(one / length - row_cost, 0.0)
+    return dataclasses.replace(policy, step_cost=step_cost, row_cost=row_cost)
 
 
 def load_version(
@@ -141,9 +153,17 @@ def load_version(
     limits = [settings.max_length, config.max_length, plan.fixed_length]
     max_length = min(v for v in limits if v is not None)
     runner = ModelRunner(Forward(plan))
+    excess = mismatch(model, runner, max_length)
+    if excess > 0:
+        why = f"self-check under padding was off by {excess:.2e}"
+        log.warning("model %s version %d: %s; batching equal lengths only", name, version, why)
+        plan = _with_labels(
+            build_plan(model, allow_code=settings.allow_code, equal_length_because=why), config
+        )
+        runner = ModelRunner(Forward(plan))
     policy = _policy(settings, config, plan)
     if settings.warmup:
-        warm_up(runner, policy, max_length)
+        policy = warm_up(runner, policy, max_length)
     batcher = Batcher(runner, policy, name=f"{name}:{version}", observer=observer)
     served = ServedModel(
         name=name,
@@ -157,12 +177,14 @@ def load_version(
         load_seconds=time.perf_counter() - started,
     )
     log.info(
-        "loaded %s version %d from %s in %.2fs: mode=%s outputs=%s%s",
+        "loaded %s version %d from %s in %.2fs: mode=%s step/row cost=%.2g/%.2gs outputs=%s%s",
         name,
         version,
         path,
         served.load_seconds,
         plan.mode.value,
+        policy.step_cost,
+        policy.row_cost,
         [o.name for o in plan.outputs],
         "".join(f"; {note}" for note in plan.notes),
     )

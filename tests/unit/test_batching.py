@@ -1,0 +1,191 @@
+"""Batch formation: grouping by length, bounds, eager dispatch, deadlines, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from rnnserve.server.batching import Batcher, BatchPolicy
+from rnnserve.server.errors import DeadlineExceeded, ResourceExhausted
+from rnnserve.server.runner import RowResult
+
+
+class RecordingRunner:
+    """Answers each sequence with its length; records batches; can hold the first batch."""
+
+    def __init__(self, hold_first: bool = False) -> None:
+        self.batches: list[list[int]] = []
+        self.release = threading.Event()
+        self.started = threading.Event()
+        if not hold_first:
+            self.release.set()
+
+    def run(self, sequences: Sequence[np.ndarray], states: Sequence[object]) -> list[RowResult]:
+        self.started.set()
+        self.release.wait(10)
+        self.batches.append([len(x) for x in sequences])
+        return [RowResult([np.array([len(x)])], [False], []) for x in sequences]
+
+    def padded_length(self, lengths: Sequence[int]) -> int:
+        return max(lengths)
+
+
+def seq(n: int) -> np.ndarray:
+    return np.zeros((n, 2), np.float32)
+
+
+async def _blocked_then(
+    batcher: Batcher, runner: RecordingRunner, lengths: list[int], **kw: object
+) -> list[asyncio.Future[RowResult]]:
+    """Occupy the model with one sequence, queue `lengths` behind it, then let it go."""
+    first = batcher.submit_nowait(seq(1))
+    await asyncio.to_thread(runner.started.wait, 5)
+    futures = [batcher.submit_nowait(seq(n), **kw) for n in lengths]  # type: ignore[arg-type]
+    runner.release.set()
+    await first
+    return futures
+
+
+def test_dispatches_at_once_when_idle() -> None:
+    runner = RecordingRunner()
+    batcher = Batcher(runner, BatchPolicy())  # type: ignore[arg-type]
+
+    async def main() -> None:
+        for n in (3, 5, 7):
+            result = await batcher.submit_nowait(seq(n))
+            assert int(result.heads[0][0]) == n
+        await batcher.close()
+
+    asyncio.run(main())
+    assert runner.batches == [[3], [5], [7]]
+
+
+def test_groups_by_length_within_row_and_cell_bounds() -> None:
+    runner = RecordingRunner(hold_first=True)
+    # Joining pays off up to 5x the sequence's own length.
+    policy = BatchPolicy(max_batch_size=4, max_batch_timesteps=800, step_cost=4, row_cost=1)
+    batcher = Batcher(runner, policy)  # type: ignore[arg-type]
+    lengths = [10, 200, 12, 190, 11, 205, 9, 198, 13, 210]
+
+    async def main() -> list[int]:
+        futures = await _blocked_then(batcher, runner, lengths)
+        got = [int((await f).heads[0][0]) for f in futures]
+        await batcher.close()
+        return got
+
+    assert asyncio.run(main()) == lengths  # every answer reaches its own caller
+    batches = runner.batches[1:]
+    assert sorted(n for b in batches for n in b) == sorted(lengths)
+    for batch in batches:
+        assert len(batch) <= 4
+        assert max(batch) * len(batch) <= 800
+        assert max(batch) <= 5 * min(batch), f"short and long mixed: {batch}"
+    assert max(len(b) for b in batches) > 1
+
+
+def test_a_sequence_longer_than_the_cell_budget_still_runs_alone() -> None:
+    runner = RecordingRunner()
+    batcher = Batcher(runner, BatchPolicy(max_batch_timesteps=50))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        await batcher.submit_nowait(seq(80))
+        await batcher.close()
+
+    asyncio.run(main())
+    assert runner.batches == [[80]]
+
+
+def test_max_delay_waits_for_a_fuller_batch() -> None:
+    runner = RecordingRunner()
+    batcher = Batcher(runner, BatchPolicy(max_delay=0.2))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        first = batcher.submit_nowait(seq(4))
+        await asyncio.sleep(0.02)
+        second = batcher.submit_nowait(seq(4))
+        await asyncio.gather(first, second)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert runner.batches == [[4, 4]]
+
+
+def test_full_queue_refuses_at_once_and_submit_many_is_all_or_nothing() -> None:
+    runner = RecordingRunner(hold_first=True)
+    batcher = Batcher(runner, BatchPolicy(max_queue=3))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        first = batcher.submit_nowait(seq(1))
+        await asyncio.to_thread(runner.started.wait, 5)
+        queued = batcher.submit_many([seq(2), seq(2)])
+        with pytest.raises(ResourceExhausted, match=r"queue of model .* is full"):
+            batcher.submit_many([seq(2), seq(2)])
+        assert batcher.queue_depth == 2  # nothing of the refused request was queued
+        queued.append(batcher.submit_nowait(seq(2)))
+        with pytest.raises(ResourceExhausted):
+            batcher.submit_nowait(seq(2))
+        runner.release.set()
+        await asyncio.gather(first, *queued)
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_cancelled_and_expired_work_is_dropped_before_compute() -> None:
+    runner = RecordingRunner(hold_first=True)
+    batcher = Batcher(runner, BatchPolicy())  # type: ignore[arg-type]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        first = batcher.submit_nowait(seq(1))
+        await asyncio.to_thread(runner.started.wait, 5)
+        keep = batcher.submit_nowait(seq(5))
+        cancelled = batcher.submit_nowait(seq(6))
+        expired = batcher.submit_nowait(seq(7), deadline=loop.time() - 1)
+        cancelled.cancel()
+        runner.release.set()
+        await first
+        assert int((await keep).heads[0][0]) == 5
+        with pytest.raises(DeadlineExceeded):
+            await expired
+        await batcher.close()
+
+    asyncio.run(main())
+    assert runner.batches == [[1], [5]]
+    assert batcher.stats.dropped == 2
+
+
+def test_two_chunks_of_one_session_never_share_a_batch() -> None:
+    runner = RecordingRunner(hold_first=True)
+    batcher = Batcher(runner, BatchPolicy())  # type: ignore[arg-type]
+    session_a, session_b = object(), object()
+
+    async def main() -> None:
+        first = batcher.submit_nowait(seq(1))
+        await asyncio.to_thread(runner.started.wait, 5)
+        futures = [
+            batcher.submit_nowait(seq(3), session=session_a),
+            batcher.submit_nowait(seq(4), session=session_a),
+            batcher.submit_nowait(seq(5), session=session_b),
+        ]
+        runner.release.set()
+        await asyncio.gather(first, *futures)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert runner.batches[1:] == [[3, 5], [4]]  # in order, a's second chunk waits
+
+
+def test_equal_lengths_only_policy() -> None:
+    runner = RecordingRunner(hold_first=True)
+    batcher = Batcher(runner, BatchPolicy(equal_lengths_only=True))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        await asyncio.gather(*await _blocked_then(batcher, runner, [5, 6, 5, 6, 7]))
+        await batcher.close()
+
+    asyncio.run(main())
+    assert runner.batches[1:] == [[5, 5], [6, 6], [7]]

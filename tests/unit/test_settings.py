@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rnnserve.server import settings as settings_mod
+from rnnserve.server.settings import Settings
+
+
+def test_defaults_bind_loopback_and_serve_the_repository_models() -> None:
+    s = settings_mod.load({}, env={})
+    assert s.host == "127.0.0.1"
+    assert s.port == 8500
+    assert Path(s.model_dir).name == "models"
+
+
+def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
+    config = tmp_path / "rnnserve.toml"
+    config.write_text("[server]\nport = 7000\nmax_batch_size = 8\nsession_ttl = 5.5\n")
+    env = {"RNNSERVE_PORT": "7100", "RNNSERVE_ALLOW_CODE": "true"}
+    s = settings_mod.load({"config": str(config), "max_batch_size": "16"}, env=env)
+    assert s.max_batch_size == 16  # flag
+    assert s.port == 7100  # environment over file
+    assert s.session_ttl == 5.5  # file
+    assert s.allow_code is True
+
+
+def test_bad_values_name_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="RNNSERVE_PORT: port expects int"):
+        settings_mod.load({}, env={"RNNSERVE_PORT": "eighty"})
+    with pytest.raises(SystemExit, match="log_format must be one of"):
+        settings_mod.load({"log_format": "xml"}, env={})
+    config = tmp_path / "c.toml"
+    config.write_text("prot = 1\n")
+    with pytest.raises(SystemExit, match="unknown settings"):
+        settings_mod.load({"config": str(config)}, env={})
+
+
+def test_every_setting_has_a_flag_and_help() -> None:
+    parser = settings_mod.argparse.ArgumentParser()
+    settings_mod.add_arguments(parser)
+    text = parser.format_help()
+    for name in Settings.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text
+        assert "RNNSERVE_" + name.upper() in text
