@@ -232,10 +232,19 @@ def write_repository(root: Path, names: list[str] | None = None) -> dict[str, ke
     return models
 
 
+def subset(root: Path, names: list[str], into: Path) -> Path:
+    """A repository holding only `names` of `root` (links), so a server loads just those."""
+    into.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (into / name).symlink_to(root / name, target_is_directory=True)
+    return into
+
+
 class Reference:
     """`model(x)` on one sequence alone, unpadded: a graph trace per distinct length with a static
     time dimension (eager Keras RNNs take seconds per long sequence; Keras' own predict reuses a
-    trace with unknown time, where TimeDistributed computes wrong shapes)."""
+    trace with unknown time, where TimeDistributed computes wrong shapes). TimeDistributed unrolls
+    a static time dimension into one op per step, so long sequences through it run eagerly."""
 
     def __init__(self, model: keras.Model) -> None:
         import tensorflow as tf
@@ -243,12 +252,16 @@ class Reference:
         self._model = model
         self._tf = tf
         self._by_length: dict[int, object] = {}
+        self._time_distributed = any(isinstance(layer, L.TimeDistributed) for layer in model.layers)
         # A stateful model keeps state between calls; its stateless twin computes the same math.
         if any(getattr(layer, "stateful", False) for layer in model.layers):
             self._model = _stateless_twin(model)
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         tf = self._tf
+        if len(x) > 300 and self._time_distributed:
+            out = self._model(x[None], training=False)
+            return [np.asarray(o)[0] for o in (out if isinstance(out, list | tuple) else [out])]
         fn = self._by_length.get(len(x))
         if fn is None:
             spec = tf.TensorSpec([1, *x.shape], tf.as_dtype(x.dtype))

@@ -175,8 +175,10 @@ def test_bad_input_gets_a_clear_status(
         assert phrase in err.value.details(), f"{case}: {err.value.details()!r} lacks {phrase!r}"
 
 
-def test_too_many_sequences_and_timesteps_are_refused(serve: Any, zoo_repository: Any) -> None:
-    root, _ = zoo_repository
+def test_too_many_sequences_and_timesteps_are_refused(
+    serve: Any, zoo_repository: Any, tmp_path: Any
+) -> None:
+    root = zoo.subset(zoo_repository[0], [FLOAT_MODEL], tmp_path / "models")
     server = serve(model_dir=str(root), max_sequences=4, max_request_timesteps=100)
     with Client(server.target) as client:
         with pytest.raises(grpc.RpcError) as err:

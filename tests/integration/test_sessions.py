@@ -1,0 +1,228 @@
+"""Stateful sessions: long series streamed in chunks equal the model on the whole series; many
+sessions share batches; sessions survive a graceful restart; eviction and misuse are visible."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import zoo
+from rnnserve.client import AsyncClient, Client, StepResult
+
+CAUSAL = [a for a in zoo.ARCHITECTURES if a.causal]
+STEPS = 2000
+ATOL = 1e-5
+
+
+def _chunks(x: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    cuts, at = [], 0
+    while at < len(x):
+        size = int(rng.integers(1, 101))
+        cuts.append(x[at : at + size])
+        at += size
+    return cuts
+
+
+def _joined(results: list[StepResult]) -> list[np.ndarray]:
+    """Per-step rows of every output, over all chunks."""
+    names = list(results[0].outputs)
+    return [np.concatenate([r.outputs[n].steps for r in results]) for n in names]
+
+
+def _check_stream(results: list[StepResult], want: list[np.ndarray], where: str) -> None:
+    got = _joined(results)
+    for out, (g, w) in enumerate(zip(got, want, strict=True)):
+        if w.ndim == g.ndim:  # per-step head: every step
+            np.testing.assert_allclose(g, w, rtol=0, atol=ATOL, err_msg=f"{where} output {out}")
+        else:  # many-to-one head: its last step is the answer for the whole series
+            np.testing.assert_allclose(g[-1], w, rtol=0, atol=ATOL, err_msg=f"{where} output {out}")
+        last = results[-1].outputs[list(results[-1].outputs)[out]].sequence
+        w_last = w[-1] if w.ndim == g.ndim else w
+        np.testing.assert_allclose(last, w_last, rtol=0, atol=ATOL, err_msg=f"{where} so far")
+
+
+async def _stream(client: AsyncClient, model: str, chunks: list[np.ndarray]) -> list[StepResult]:
+    async with client.session(model) as session:
+        return [await session.send(c) for c in chunks]
+
+
+@pytest.mark.parametrize("arch", CAUSAL, ids=lambda a: a.name)
+def test_many_sessions_streaming_at_once_equal_the_whole_series(
+    arch: zoo.Arch, zoo_server: Any, zoo_repository: Any
+) -> None:
+    """200 sessions over two distinct 2,000-step series, each cut at random, all at once."""
+    model = zoo_repository[1][arch.name]
+    rng = np.random.default_rng(zlib.crc32(arch.name.encode()))
+    series = zoo.sequences(arch, [STEPS, STEPS], rng)
+    plans = [(i % 2, _chunks(series[i % 2], rng)) for i in range(200)]
+    before = zoo_server.batcher_stats(arch.name).max_rows
+
+    async def main() -> list[list[StepResult]]:
+        async with AsyncClient(zoo_server.target, timeout=600) as client:
+            return await asyncio.gather(*(_stream(client, arch.name, c) for _, c in plans))
+
+    streams = asyncio.run(main())
+    assert zoo_server.batcher_stats(arch.name).max_rows > max(before, 1), "no cross-session batch"
+    reference = zoo.Reference(model)
+    wants = [reference(s) for s in series]
+    for i, ((which, _), results) in enumerate(zip(plans, streams, strict=True)):
+        assert results[-1].total_steps == STEPS
+        _check_stream(results, wants[which], f"session {i}")
+
+
+def test_sessions_survive_a_graceful_restart(
+    serve: Any, zoo_repository: Any, tmp_path: Path
+) -> None:
+    """Every causal architecture: stream half, restart the server, resume by id, stream the rest."""
+    root, models = (
+        zoo.subset(zoo_repository[0], [a.name for a in CAUSAL], tmp_path / "models"),
+        zoo_repository[1],
+    )
+    snapshot = tmp_path / "sessions.bin"
+    rng = np.random.default_rng(3)
+    work = {a.name: _chunks(zoo.sequences(a, [STEPS], rng)[0], rng) for a in CAUSAL}
+    halves = {name: len(chunks) // 2 for name, chunks in work.items()}
+    server = serve(model_dir=str(root), session_snapshot=str(snapshot))
+    ids: dict[str, str] = {}
+    firsts: dict[str, list[StepResult]] = {}
+    with Client(server.target) as client:
+        for name, chunks in work.items():
+            session = client.session(name)
+            firsts[name] = [session.send(c) for c in chunks[: halves[name]]]
+            ids[name] = session.detach()
+    server.stop()
+    assert snapshot.stat().st_size > 0
+    server = serve(model_dir=str(root), session_snapshot=str(snapshot))
+    with Client(server.target) as client:
+        for name, chunks in work.items():
+            with client.session(session_id=ids[name]) as session:
+                assert session.steps == sum(len(c) for c in chunks[: halves[name]])
+                rest = [session.send(c) for c in chunks[halves[name] :]]
+            whole = np.concatenate(chunks)
+            _check_stream(firsts[name] + rest, zoo.Reference(models[name])(whole), name)
+
+
+def test_non_causal_models_cannot_stream(zoo_server: Any) -> None:
+    with Client(zoo_server.target) as client:
+        for name in ("bidirectional", "backwards", "pooled"):
+            assert not client.metadata(name).can_stream
+            with pytest.raises(grpc.RpcError) as err:
+                client.open_session(name)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert f"model {name} version 1 cannot stream" in err.value.details()
+        assert client.metadata("lstm_masked").can_stream
+        assert client.metadata("stateful").can_stream  # trained stateful, served stateless
+
+
+def test_unary_steps_out_of_order_and_unknown_sessions(zoo_server: Any) -> None:
+    x = np.random.default_rng(0).normal(size=(30, zoo.D)).astype(np.float32)
+    with Client(zoo_server.target) as client:
+        info = client.open_session("gru_steps")
+        first = client.step(info.session_id, x[:10], offset=0)
+        assert first.total_steps == 10
+        with pytest.raises(grpc.RpcError) as err:
+            client.step(info.session_id, x[10:20], offset=20)  # a chunk skipped
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "starts at offset 20 but the session has consumed 10" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            client.step(info.session_id, x[10:20, :3], offset=10)  # bad chunk: nothing applied
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        second = client.step(info.session_id, x[10:30], offset=10)
+        assert second.total_steps == 30
+        with pytest.raises(grpc.RpcError) as err:
+            client.step("feedfacefeedface", x[:3])
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "session feedfacefeedface not found" in err.value.details()
+        client.close_session(info.session_id)
+        with pytest.raises(grpc.RpcError) as err:
+            client.step(info.session_id, x[:3])
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "was closed" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            client.open_session("gru_steps", session_id="bad id!")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_idle_sessions_expire_visibly(serve: Any, zoo_repository: Any, tmp_path: Path) -> None:
+    root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
+    server = serve(model_dir=str(root), session_ttl=0.3)
+    x = np.ones((4, zoo.D), np.float32)
+    with Client(server.target) as client:
+        info = client.open_session("lstm_masked")
+        client.step(info.session_id, x)
+        time.sleep(1.0)
+        with pytest.raises(grpc.RpcError) as err:
+            client.step(info.session_id, x)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "expired after 0.3s idle" in err.value.details()
+    metrics = _scrape(server.metrics_url)
+    assert 'rnnserve_session_ends_total{reason="expired"} 1.0' in metrics
+    assert "rnnserve_sessions_active 0.0" in metrics
+
+
+def test_max_sessions_evicts_least_recently_used_or_refuses(
+    serve: Any, zoo_repository: Any, tmp_path: Path
+) -> None:
+    root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
+    x = np.ones((2, zoo.D), np.float32)
+    server = serve(model_dir=str(root), max_sessions=3)
+    with Client(server.target) as client:
+        ids = [client.open_session("lstm_masked").session_id for _ in range(3)]
+        client.step(ids[0], x)  # ids[1] is now the least recently used
+        newest = client.open_session("lstm_masked").session_id
+        with pytest.raises(grpc.RpcError) as err:
+            client.step(ids[1], x)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "evicted: the server holds at most 3 sessions" in err.value.details()
+        for kept in (ids[0], ids[2], newest):
+            client.step(kept, x)
+    assert 'rnnserve_session_ends_total{reason="lru"} 1.0' in _scrape(server.metrics_url)
+    server = serve(model_dir=str(root), max_sessions=2, session_overflow="refuse")
+    with Client(server.target) as client:
+        client.open_session("lstm_masked")
+        client.open_session("lstm_masked")
+        with pytest.raises(grpc.RpcError) as err:
+            client.open_session("lstm_masked")
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "too many sessions (2 open)" in err.value.details()
+
+
+def test_export_and_import_move_a_session(zoo_server: Any, zoo_repository: Any) -> None:
+    model = zoo_repository[1]["multi_output"]
+    x = np.random.default_rng(5).normal(size=(120, zoo.D)).astype(np.float32)
+    with Client(zoo_server.target) as client:
+        info = client.open_session("multi_output")
+        first = client.step(info.session_id, x[:70])
+        state = client.export_session(info.session_id, remove=True)
+        assert state.steps == 70
+        with pytest.raises(grpc.RpcError):
+            client.step(info.session_id, x[70:])  # removed from this server
+        moved = client.import_session(state)
+        assert moved.session_id == info.session_id
+        assert moved.steps == 70
+        second = client.step(moved.session_id, x[70:], offset=70)
+        with pytest.raises(grpc.RpcError) as err:
+            client.import_session(state)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        bad = type(state)()
+        bad.CopyFrom(state)
+        bad.session_id = "other"
+        del bad.states[0]
+        with pytest.raises(grpc.RpcError) as err:
+            client.import_session(bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "needs state tensors of sizes" in err.value.details()
+    _check_stream([first, second], zoo.Reference(model)(x), "moved session")
+
+
+def _scrape(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
