@@ -129,6 +129,8 @@ def warm_up(runner: ModelRunner, policy: BatchPolicy, max_length: int) -> BatchP
                 raise failed[0]
         return sorted(times)[1]
 
+    runner.forward.compile(1, length)
+    runner.forward.compile(rows, length)
     one, full = seconds(batch[:1]), seconds(batch)
     row_cost = max((full - one) / (length * (rows - 1)), 1e-9)
     step_cost = max(one / length - row_cost, 0.0)
@@ -152,16 +154,20 @@ def load_version(
     plan = _with_labels(build_plan(model, allow_code=settings.allow_code), config)
     limits = [settings.max_length, config.max_length, plan.fixed_length]
     max_length = min(v for v in limits if v is not None)
-    runner = ModelRunner(Forward(plan))
+    policy = _policy(settings, config, plan)
+
+    def runner_for(plan: Plan) -> ModelRunner:
+        return ModelRunner(Forward(plan, xla=settings.xla, max_rows=policy.max_batch_size))
+
+    runner = runner_for(plan)
     excess = mismatch(model, runner, max_length)
     if excess > 0:
         why = f"self-check under padding was off by {excess:.2e}"
         log.warning("model %s version %d: %s; batching equal lengths only", name, version, why)
-        plan = _with_labels(
-            build_plan(model, allow_code=settings.allow_code, equal_length_because=why), config
-        )
-        runner = ModelRunner(Forward(plan))
-    policy = _policy(settings, config, plan)
+        forced = build_plan(model, allow_code=settings.allow_code, equal_length_because=why)
+        plan = _with_labels(forced, config)
+        policy = _policy(settings, config, plan)
+        runner = runner_for(plan)
     if settings.warmup:
         policy = warm_up(runner, policy, max_length)
     batcher = Batcher(runner, policy, name=f"{name}:{version}", observer=observer)

@@ -62,6 +62,7 @@ class Settings:
     poll_interval: float = _setting(0.0, "seconds between model repository scans (0: no reload)")
     allow_code: bool = _setting(False, "load models that carry code (Lambda layers, unsafe mode)")
     warmup: bool = _setting(True, "compile each model for typical shapes before it takes traffic")
+    xla: bool = _setting(True, "run batches through XLA programs compiled per shape bucket")
     # Operations.
     grace: float = _setting(20.0, "seconds to finish in-flight work on SIGTERM before exiting")
     log_format: str = _setting("text", "log format", choices=("text", "json"))

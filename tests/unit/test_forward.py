@@ -1,0 +1,86 @@
+"""The compiled forward itself (no server): both compiled forms, XLA shape buckets and state
+passing across chunks, against the model called on each sequence alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zoo
+from rnnserve.server.forward import Forward, bucket_length, bucket_rows, pad_batch
+from rnnserve.server.plan import Mode, build_plan
+
+ATOL = 1e-5
+
+
+def test_buckets() -> None:
+    assert [bucket_length(n) for n in (1, 2, 3, 5, 7, 13, 17, 25, 33, 100, 300)] == [
+        1,
+        2,
+        3,
+        6,
+        8,
+        16,
+        24,
+        32,
+        48,
+        128,
+        384,
+    ]
+    assert [bucket_rows(n, 64) for n in (1, 2, 3, 5, 33, 64)] == [1, 2, 4, 8, 64, 64]
+    assert bucket_rows(100, 64) == 100  # above the batch cap: its own size
+
+
+def _expected(plan_outputs, heads, stepped, row, length):  # type: ignore[no-untyped-def]
+    for spec, head, st in zip(plan_outputs, heads, stepped, strict=True):
+        if spec.per_step:
+            yield head[row, :length]
+        else:
+            yield head[row, length - 1] if st else head[row]
+
+
+@pytest.mark.parametrize(
+    "name", ["lstm_masked", "stacked_norm_steps", "bidirectional_steps", "embedding_masked"]
+)
+@pytest.mark.parametrize("xla", [True, False], ids=["xla", "graph"])
+def test_padded_batch_equals_each_sequence_alone(name: str, xla: bool) -> None:
+    arch = zoo.BY_NAME[name]
+    model = zoo.build(arch)
+    plan = build_plan(model)
+    forward = Forward(plan, xla=xla)
+    rng = np.random.default_rng(1)
+    xs = zoo.sequences(arch, [1, 5, 17, 40, 9], rng)
+    x, lengths = pad_batch(xs, plan.step_shape, plan.input_dtype)
+    forward.compile(len(xs), x.shape[1])
+    assert (forward.bucket(len(xs), x.shape[1]) in forward._programs) == xla
+    out = forward(x, lengths)
+    reference = zoo.Reference(model)
+    for row, seq in enumerate(xs):
+        got = list(_expected(plan.outputs, out.heads, out.stepped, row, len(seq)))
+        for g, w in zip(got, reference(seq), strict=True):
+            np.testing.assert_allclose(g, w, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("xla", [True, False], ids=["xla", "graph"])
+def test_state_passing_chunks_equal_one_whole_run(xla: bool) -> None:
+    arch = zoo.BY_NAME["multi_output"]
+    model = zoo.build(arch)
+    plan = build_plan(model)
+    assert plan.mode is Mode.CAUSAL
+    forward = Forward(plan, xla=xla)
+    x = zoo.sequences(arch, [230], np.random.default_rng(2))[0]
+    for size in (1, 7, 48):
+        forward.compile(1, size)
+    states = None
+    tags, last = [], None
+    for start in range(0, 230, 48):
+        for chunk in (x[start : start + 1], x[start + 1 : start + 8], x[start + 8 : start + 48]):
+            if len(chunk) == 0:
+                continue
+            padded, lengths = pad_batch([chunk], plan.step_shape, plan.input_dtype)
+            out = forward(padded, lengths, states)
+            states = out.states
+            tags.append(out.heads[0][0, : len(chunk)])
+            last = out.heads[1][0, len(chunk) - 1]
+    want_tags, want_label = zoo.Reference(model)(x)
+    np.testing.assert_allclose(np.concatenate(tags), want_tags, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(last, want_label, rtol=0, atol=ATOL)
