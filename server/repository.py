@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rnnserve.server.batching import BatchObserver
 from rnnserve.server.errors import NotFound
-from rnnserve.server.model_config import ConfigError, read_config, read_policy
+from rnnserve.server.model_config import ConfigError, VersionPolicy, read_config, read_policy
 from rnnserve.server.served_model import LoadState, ServedModel, load_version
 from rnnserve.server.settings import Settings
 
@@ -35,9 +35,24 @@ class VersionStatus:
     error: str = ""
 
 
-def scan(root: Path) -> tuple[dict[str, dict[int, Path]], dict[tuple[str, int], str]]:
-    """Versions that should serve, per model, and problems found while scanning."""
-    wanted: dict[str, dict[int, Path]] = {}
+@dataclass(frozen=True)
+class Found:
+    """One model directory as scanned: its version policy and version directories."""
+
+    policy: VersionPolicy
+    versions: dict[int, Path]
+    fingerprints: dict[int, tuple[float, int]]
+
+
+def _fingerprint(version_dir: Path) -> tuple[float, int]:
+    """Changes when any file of the version changes, so a fixed broken version is retried."""
+    stats = [p.stat() for p in version_dir.iterdir()]
+    return max((s.st_mtime for s in stats), default=0.0), sum(s.st_size for s in stats)
+
+
+def scan(root: Path) -> tuple[dict[str, Found], dict[tuple[str, int], str]]:
+    """Every model directory with numbered versions, and problems found while scanning."""
+    found: dict[str, Found] = {}
     problems: dict[tuple[str, int], str] = {}
     if not root.is_dir():
         raise FileNotFoundError(f"model repository {root} is not a directory")
@@ -50,8 +65,9 @@ def scan(root: Path) -> tuple[dict[str, dict[int, Path]], dict[tuple[str, int], 
         except ConfigError as exc:
             problems[(model_dir.name, 0)] = str(exc)
             continue
-        wanted[model_dir.name] = {v: versions[v] for v in policy.select(list(versions))}
-    return wanted, problems
+        prints = {v: _fingerprint(path) for v, path in versions.items()}
+        found[model_dir.name] = Found(policy, versions, prints)
+    return found, problems
 
 
 class Repository:
@@ -68,6 +84,7 @@ class Repository:
         self._listener = listener
         self._served: dict[str, dict[int, ServedModel]] = {}
         self._failed: dict[tuple[str, int], str] = {}
+        self._failed_prints: dict[tuple[str, int], tuple[float, int]] = {}
         self._loading: set[tuple[str, int]] = set()
         self._sync_lock = asyncio.Lock()
 
@@ -114,33 +131,47 @@ class Repository:
     # ---- life cycle ----
 
     async def sync(self) -> None:
-        """Scan the repository; load what is new, drain what left. Safe to call repeatedly."""
+        """Scan the repository; load what is new, drain what left. Safe to call repeatedly.
+
+        A version that fails to load does not count for the version policy, so a broken new
+        version leaves the one serving before it in place; it is retried when its files change.
+        """
         async with self._sync_lock:
             try:
-                wanted, problems = await asyncio.to_thread(scan, self.root)
+                found, problems = await asyncio.to_thread(scan, self.root)
             except OSError as exc:
                 log.error("cannot scan model repository: %s", exc)
                 return
+            for key in [k for k in self._failed if k[1] == 0 and k not in problems]:
+                del self._failed[key]  # a model-level config problem that was fixed
             for key, error in problems.items():
                 if self._failed.get(key) != error:
                     log.error("model %s: %s", key[0], error)
                 self._failed[key] = error
-            for name, versions in wanted.items():
-                for version, path in sorted(versions.items()):
-                    current = self._served.get(name, {}).get(version)
-                    if current is None and (name, version) not in self._failed:
-                        await self._load(name, version, path)
-            for served in self.served():
-                still_wanted = served.version in wanted.get(served.name, {})
-                if not still_wanted and served.state is LoadState.READY:
-                    self._drain(served)
-            # A version removed from disk may be retried if it comes back.
-            for key in list(self._failed):
-                if key[1] and key[1] not in wanted.get(key[0], {}):
+            for key in list(self._failed):  # forget failures whose files changed or left
+                entry = found.get(key[0])
+                now = entry.fingerprints.get(key[1]) if entry else None
+                if key[1] and now != self._failed_prints.get(key):
                     del self._failed[key]
+                    self._failed_prints.pop(key, None)
+            wanted: dict[str, set[int]] = {}
+            for name, entry in found.items():
+                while True:
+                    usable = [v for v in entry.versions if (name, v) not in self._failed]
+                    wanted[name] = set(entry.policy.select(usable))
+                    missing = sorted(v for v in wanted[name] if v not in self._served.get(name, {}))
+                    if not missing:
+                        break
+                    version = missing[-1]
+                    if not await self._load(name, version, entry.versions[version]):
+                        self._failed_prints[(name, version)] = entry.fingerprints[version]
+            for served in self.served():
+                leaving = served.version not in wanted.get(served.name, set())
+                if leaving and served.state is LoadState.READY:
+                    self._drain(served)
             await self._unload_drained()
 
-    async def _load(self, name: str, version: int, version_dir: Path) -> None:
+    async def _load(self, name: str, version: int, version_dir: Path) -> bool:
         self._loading.add((name, version))
         self._notify(name, version, "loading", None)
         try:
@@ -159,11 +190,12 @@ class Repository:
             log.error("model %s version %d failed to load: %s", name, version, error)
             self._failed[(name, version)] = error
             self._notify(name, version, "failed", None)
-            return
+            return False
         finally:
             self._loading.discard((name, version))
         self._served.setdefault(name, {})[version] = served
         self._notify(name, version, "ready", served.load_seconds)
+        return True
 
     def _drain(self, served: ServedModel) -> None:
         log.info("model %s version %d leaves service; draining", served.name, served.version)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,6 +34,8 @@ _STATE = {
     LoadState.FAILED: pb.MODEL_STATE_FAILED,
 }
 _DTYPE = {"float32": pb.DATA_TYPE_FLOAT32, "int32": pb.DATA_TYPE_INT32}
+# Outcomes logged at debug level only: the normal ones.
+_QUIET = {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -40,30 +43,75 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
-class _Call:
-    """Times one RPC (or stream chunk), maps its errors to a status, records the outcome."""
+REQUEST_ID = "x-request-id"
 
-    def __init__(self, metrics: Metrics, method: str) -> None:
+
+def request_id_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's `x-request-id` (bounded), or a new one; echoed back in trailing metadata."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID and isinstance(value, str) and value:
+            return value[:128]
+    return uuid.uuid4().hex[:16]
+
+
+class _Call:
+    """Times one RPC (or stream chunk), maps its errors to a status, records and logs the outcome
+    (method, model, status, duration, request id; never the payload)."""
+
+    def __init__(self, metrics: Metrics, method: str, request_id: str) -> None:
         self.metrics = metrics
         self.method = method
+        self.request_id = request_id
         self.model = UNKNOWN_MODEL
         self.version = 0
         self.code = grpc.StatusCode.OK
+        self.message = ""
         self.started = time.perf_counter()
 
     def serving(self, model: ServedModel) -> ServedModel:
         self.model, self.version = model.name, model.version
         return model
 
+    def session(self, sessions: SessionService, session_id: str) -> str:
+        """Label the call with the model of the session it names (when that session exists)."""
+        session = sessions.store.peek(session_id)
+        if session is not None:
+            self.model, self.version = session.model, session.version
+        return session_id
+
     def failed(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
-        self.code, message = status_of(exc)
+        self.code, self.message = status_of(exc)
         if not isinstance(exc, ServeError):
-            log.exception("unexpected error in %s", self.method, exc_info=exc)
-        return self.code, message
+            log.exception(
+                "unexpected error in %s",
+                self.method,
+                exc_info=exc,
+                extra={"request_id": self.request_id},
+            )
+        return self.code, self.message
 
     def done(self) -> None:
         seconds = time.perf_counter() - self.started
         self.metrics.request(self.model, self.version, self.method, self.code, seconds)
+        level = logging.DEBUG if self.code in _QUIET else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "%s %s -> %s in %.1f ms%s",
+                self.method,
+                self.model,
+                self.code.name,
+                seconds * 1000,
+                f": {self.message}" if self.message else "",
+                extra={
+                    "request_id": self.request_id,
+                    "method": self.method,
+                    "model": self.model,
+                    "version": self.version,
+                    "code": self.code.name,
+                    "duration_ms": round(seconds * 1000, 3),
+                },
+            )
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -81,17 +129,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.draining = False
 
     async def _unary(self, method: str, context: grpc.aio.ServicerContext, body: Any) -> Any:
-        call = _Call(self.metrics, method)
+        call = _Call(self.metrics, method, request_id_of(context))
+        trailer = ((REQUEST_ID, call.request_id),)
         try:
             if self.draining:
                 raise Unavailable("server is shutting down; retry on another replica")
-            return await body(call)
+            response = await body(call)
+            context.set_trailing_metadata(trailer)
+            return response
         except asyncio.CancelledError:
             call.code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
             code, message = call.failed(exc)
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata=trailer)
         finally:
             call.done()
 
@@ -171,7 +222,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 summary = summaries.get(status.name)
                 if summary is None:
                     summary = summaries[status.name] = response.models.add(name=status.name)
-                if status.version:
+                if status.version or status.error:  # version 0: a model-level config error
                     summary.versions.add(
                         version=status.version, state=_STATE[status.state], error=status.error
                     )
@@ -198,7 +249,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> pb.StepResponse:
         async def body(call: _Call) -> pb.StepResponse:
             return await self.sessions.step(
-                request.session_id,
+                call.session(self.sessions, request.session_id),
                 request.chunk,
                 mode=request.output_mode,
                 top_k=request.top_k,
@@ -211,7 +262,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
         async def body(call: _Call) -> pb.SessionInfo:
-            return self.sessions.close(request.session_id)
+            return self.sessions.close(call.session(self.sessions, request.session_id))
 
         return await self._unary("CloseSession", context, body)
 
@@ -219,7 +270,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.ExportSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.SessionState:
         async def body(call: _Call) -> pb.SessionState:
-            return self.sessions.export(request.session_id, request.remove)
+            return self.sessions.export(
+                call.session(self.sessions, request.session_id), request.remove
+            )
 
         return await self._unary("ExportSession", context, body)
 
@@ -227,7 +280,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.SessionState, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
         async def body(call: _Call) -> pb.SessionInfo:
-            return self.sessions.info(self.sessions.import_(request))
+            session = self.sessions.import_(request)
+            call.model, call.version = session.model, session.version
+            return self.sessions.info(session)
 
         return await self._unary("ImportSession", context, body)
 
@@ -236,7 +291,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.StreamResponse]:
         """One stream is one session. An error ends the stream but never the session: nothing of
         the failed chunk is applied, and the client can resume by id."""
-        call = _Call(self.metrics, "Stream")
+        call = _Call(self.metrics, "Stream", request_id_of(context))
         try:
             if self.draining:
                 raise Unavailable("server is shutting down; retry on another replica")
@@ -263,7 +318,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     return
                 if kind != "chunk":
                     raise InvalidInput(f"expected a chunk or close message, got {kind}")
-                chunk = _Call(self.metrics, "StreamChunk")
+                chunk = _Call(self.metrics, "StreamChunk", call.request_id)
                 chunk.model, chunk.version = session.model, session.version
                 try:
                     if self.draining:
@@ -282,6 +337,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise
         except Exception as exc:
             code, message = call.failed(exc)
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata=((REQUEST_ID, call.request_id),))
         finally:
             call.done()

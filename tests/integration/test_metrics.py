@@ -1,0 +1,96 @@
+"""Known traffic in, the exact metric values out."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import zoo
+from prometheus_client.parser import text_string_to_metric_families
+from rnnserve.client import Client
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_scraped_metrics_match_the_traffic_exactly(
+    serve: Any, zoo_repository: Any, tmp_path: Path
+) -> None:
+    root = zoo.subset(zoo_repository[0], ["lstm_masked", "gru_steps"], tmp_path / "models")
+    broken = root / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.keras").write_bytes(b"not a keras file")
+    server = serve(model_dir=str(root))
+    rng = np.random.default_rng(0)
+    lengths = [(3, 4), (12, 10), (7, 7), (20, 18), (16, 15)]  # close: always one batch
+    with Client(server.target) as client:
+        for a, b in lengths:  # one request, two sequences, one batch each (sent one at a time)
+            client.predict("lstm_masked", [rng.normal(size=(n, zoo.D)) for n in (a, b)])
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError):
+                client.predict("lstm_masked", [np.ones((4, zoo.D + 2))])
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError):
+                client.predict("no_such_model", [np.ones((4, zoo.D))])
+        with client.session("gru_steps") as session:
+            for n in (5, 1, 8, 3):
+                session.send(rng.normal(size=(n, zoo.D)))
+        info = client.open_session("gru_steps")
+        client.step(info.session_id, rng.normal(size=(6, zoo.D)))
+        with pytest.raises(grpc.RpcError):
+            client.step(info.session_id, rng.normal(size=(6, 1)))
+        client.close_session(info.session_id)
+
+    m = scrape(server.metrics_url)
+    requests = "rnnserve_requests_total"
+    lstm = {"model": "lstm_masked", "version": "1"}
+    gru = {"model": "gru_steps", "version": "1"}
+    assert value(m, requests, method="Predict", code="OK", **lstm) == 5
+    assert value(m, requests, method="Predict", code="INVALID_ARGUMENT", **lstm) == 3
+    assert value(m, requests, method="Predict", code="NOT_FOUND", model="_unknown", version="") == 2
+    assert value(m, requests, method="Stream", code="OK", **gru) == 1
+    assert value(m, requests, method="StreamChunk", code="OK", **gru) == 4
+    assert value(m, requests, method="OpenSession", code="OK", **gru) == 1
+    assert value(m, requests, method="StepSession", code="OK", **gru) == 1
+    assert value(m, requests, method="StepSession", code="INVALID_ARGUMENT", **gru) == 1
+    assert value(m, requests, method="CloseSession", code="OK", **gru) == 1
+    duration = "rnnserve_request_duration_seconds_count"
+    assert value(m, duration, model="lstm_masked", method="Predict") == 8
+
+    # Compute: only valid sequences reach the model; each request made one batch of two.
+    real = sum(a + b for a, b in lengths)
+    padded = sum(2 * max(a, b) for a, b in lengths)
+    assert value(m, "rnnserve_real_timesteps_total", **lstm) == real
+    assert value(m, "rnnserve_padded_timesteps_total", **lstm) == padded
+    assert value(m, "rnnserve_batch_size_count", **lstm) == 5
+    assert value(m, "rnnserve_batch_size_sum", **lstm) == 10
+    assert value(m, "rnnserve_batch_padded_timesteps_sum", **lstm) == padded
+    assert value(m, "rnnserve_queue_wait_seconds_count", **lstm) == 10
+    assert value(m, "rnnserve_batch_compute_seconds_count", **lstm) == 5
+    assert value(m, "rnnserve_real_timesteps_total", **gru) == 5 + 1 + 8 + 3 + 6
+    assert value(m, "rnnserve_batch_size_count", **gru) == 5
+
+    # State: nothing queued, sessions all closed, models' load state and failures.
+    assert value(m, "rnnserve_queue_depth", **lstm) == 0
+    assert value(m, "rnnserve_sessions_active") == 0
+    assert value(m, "rnnserve_session_ends_total", reason="closed") == 2
+    assert value(m, "rnnserve_model_state", state="ready", **lstm) == 1
+    assert value(m, "rnnserve_model_state", state="ready", **gru) == 1
+    assert value(m, "rnnserve_model_state", state="failed", model="broken", version="1") == 1
+    assert value(m, "rnnserve_model_load_failures_total", model="broken") == 1
+    assert value(m, "rnnserve_model_load_seconds", **lstm) > 0

@@ -1,0 +1,240 @@
+"""The server as a process, as operators run it: `rnnserve serve`, SIGTERM with work in flight,
+`rnnserve health`, `rnnserve predict`, and the Dockerfile's own commands run outside Docker."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import zoo
+from rnnserve.client import Client, RetryPolicy
+
+ROOT = Path(__file__).resolve().parents[2]
+RNNSERVE = str(Path(sys.executable).parent / "rnnserve")
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server_process(
+    tmp: Path, args: list[str], env: dict[str, str] | None = None, command: list[str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = free_port()
+    log = (tmp / f"server-{port}.log").open("wb")
+    full_env = {**os.environ, **(env or {})}
+    cmd = [*(command or [RNNSERVE, "serve"]), *args]
+    if "RNNSERVE_PORT" not in (env or {}):
+        cmd += ["--port", str(port)]
+    else:
+        port = int(full_env["RNNSERVE_PORT"])
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    target = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        with Client(target, retry=NO_RETRY) as client:
+            while True:
+                assert process.poll() is None, (tmp / f"server-{port}.log").read_text()[-3000:]
+                try:
+                    if client.health(timeout=2):
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, "server did not become healthy"
+                time.sleep(0.2)
+        yield process, target
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+        log.close()
+
+
+def test_sigterm_finishes_in_flight_work_refuses_new_and_keeps_sessions(
+    zoo_repository: Any, tmp_path: Path
+) -> None:
+    root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
+    snapshot = tmp_path / "sessions.bin"
+    args = [
+        "--model-dir",
+        str(root),
+        "--metrics-port",
+        "-1",
+        "--grace",
+        "30",
+        "--session-snapshot",
+        str(snapshot),
+    ]
+    rng = np.random.default_rng(0)
+    heavy = [rng.normal(size=(3000, zoo.D)).astype(np.float32) for _ in range(64)]
+    with server_process(tmp_path, args) as (process, target):
+        with Client(target, retry=NO_RETRY, timeout=120) as client:
+            session = client.open_session("lstm_masked")
+            client.step(session.session_id, heavy[0][:40])
+            results: list[Any] = []
+
+            def send() -> None:
+                try:
+                    results.append(client.predict("lstm_masked", heavy, output="sequence"))
+                except grpc.RpcError as err:
+                    results.append(err)
+
+            senders = [threading.Thread(target=send) for _ in range(4)]
+            for t in senders:
+                t.start()
+            time.sleep(0.5)  # all four are queued or computing
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with pytest.raises(grpc.RpcError) as refused:
+                client.predict("lstm_masked", [heavy[0][:5]])
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            for t in senders:
+                t.join(120)
+        code = process.wait(60)
+        assert code == 0
+        assert time.monotonic() - signalled < 30
+    assert len(results) == 4
+    for result in results:
+        assert not isinstance(result, grpc.RpcError), result
+        assert [p.length for p in result] == [3000] * 64
+    with server_process(tmp_path, args) as (_, target), Client(target) as client:
+        resumed = client.step(session.session_id, heavy[0][40:50], offset=40)
+        assert resumed.total_steps == 50
+
+
+def test_health_and_predict_commands(zoo_repository: Any, tmp_path: Path) -> None:
+    root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
+    seq = np.random.default_rng(1).normal(size=(11, zoo.D)).astype(np.float32)
+    np.save(tmp_path / "a.npy", seq)
+    np.savetxt(tmp_path / "b.csv", seq[:4], delimiter=",")
+    with server_process(tmp_path, ["--model-dir", str(root), "--metrics-port", "-1"]) as (
+        _,
+        target,
+    ):
+        ok = subprocess.run(
+            [RNNSERVE, "health", "--target", target], capture_output=True, text=True
+        )
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.strip() == "SERVING"
+        model = [RNNSERVE, "health", "--target", target, "--model"]
+        assert subprocess.run([*model, "lstm_masked"], capture_output=True).returncode == 0
+        missing = subprocess.run([*model, "nope"], capture_output=True, text=True)
+        assert missing.returncode == 1
+        assert "NOT_FOUND" in missing.stderr
+        out = subprocess.run(
+            [
+                RNNSERVE,
+                "predict",
+                "lstm_masked",
+                str(tmp_path / "a.npy"),
+                str(tmp_path / "b.csv"),
+                "--target",
+                target,
+                "--top-k",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows = [json.loads(line) for line in out.stdout.splitlines()]
+        assert [r["length"] for r in rows] == [11, 4]
+        assert len(rows[0]["label"]["top_k"]) == 2
+        want = zoo.Reference(zoo_repository[1]["lstm_masked"])(seq)[0]
+        np.testing.assert_allclose(rows[0]["label"]["sequence"], want, atol=1e-5, rtol=0)
+    down = subprocess.run(
+        [RNNSERVE, "health", "--target", target, "--timeout", "2"], capture_output=True, text=True
+    )
+    assert down.returncode == 1
+    assert "unhealthy" in down.stderr
+
+
+def _dockerfile() -> tuple[dict[str, str], list[str], list[str]]:
+    """ENV, ENTRYPOINT and HEALTHCHECK CMD of the runtime stage, as Docker would read them."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    runtime = text.split("FROM python:3.11-slim\n")[-1]
+    env: dict[str, str] = {}
+    for line in runtime.splitlines():
+        if line.startswith("ENV "):
+            env.update(dict(pair.split("=", 1) for pair in shlex.split(line[4:])))
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", runtime, re.M).group(1))  # type: ignore[union-attr]
+    health = json.loads(re.search(r"HEALTHCHECK .*CMD (\[.*\])", runtime).group(1))  # type: ignore[union-attr]
+    return env, entrypoint, health
+
+
+def test_dockerfile_entrypoint_and_healthcheck_run_outside_docker(tmp_path: Path) -> None:
+    env, entrypoint, health = _dockerfile()
+    assert env["RNNSERVE_HOST"] == "0.0.0.0"
+    assert entrypoint == ["rnnserve", "serve"]
+    # Here: loopback only, free ports, and the paths the image would COPY into place.
+    port = free_port()
+    env.update(
+        RNNSERVE_HOST="127.0.0.1",
+        RNNSERVE_PORT=str(port),
+        RNNSERVE_METRICS_PORT=str(free_port()),
+        RNNSERVE_MODEL_DIR=str(ROOT / "models"),
+        RNNSERVE_SESSION_SNAPSHOT=str(tmp_path / "sessions.bin"),
+    )
+    command = [RNNSERVE if c == "rnnserve" else c for c in entrypoint]
+    with server_process(tmp_path, [], env=env, command=command) as (process, _):
+        check = [RNNSERVE if c == "rnnserve" else c for c in health]
+        result = subprocess.run(check, env={**os.environ, **env}, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+
+
+def test_wheel_carries_every_package(tmp_path: Path) -> None:
+    """What the Dockerfile's build stage installs: one wheel with server, client and API."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("rnnserve-*.whl")
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in (
+        "rnnserve/__init__.py",
+        "rnnserve/v1/inference_pb2.py",
+        "rnnserve/v1/inference.proto",
+        "rnnserve/server/app.py",
+        "rnnserve/server/cli.py",
+        "rnnserve/client/sync.py",
+        "rnnserve/training/spec.py",
+    ):
+        assert needed in names, f"{needed} missing from the wheel"
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "rnnserve = rnnserve.server.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
