@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -94,3 +96,11 @@ def test_scraped_metrics_match_the_traffic_exactly(
     assert value(m, "rnnserve_model_state", state="failed", model="broken", version="1") == 1
     assert value(m, "rnnserve_model_load_failures_total", model="broken") == 1
     assert value(m, "rnnserve_model_load_seconds", **lstm) > 0
+
+    # Every series the shipped Grafana dashboard plots is one this server exports.
+    dashboard = Path(__file__).resolve().parents[2] / "deploy/grafana/rnnserve-dashboard.json"
+    exprs = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"rnnserve_[a-z_]+", e)}
+    exported = {name for name, _ in m}
+    assert used, "dashboard plots nothing"
+    assert used <= exported, f"dashboard uses unknown series {sorted(used - exported)}"
