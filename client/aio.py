@@ -28,6 +28,7 @@ from rnnserve.client.connection import (
     metadata,
     predict_request,
     remaining,
+    retry_delay,
 )
 from rnnserve.client.results import (
     ModelInfo,
@@ -85,6 +86,7 @@ class AsyncClient:
                 return await method(request, timeout=remaining(deadline), metadata=self._metadata)
             except grpc.aio.AioRpcError as err:
                 delay = next(delays, None)
+                delay = None if delay is None else retry_delay(err, delay)
                 left = remaining(deadline)
                 if (
                     err.code() not in retry.codes

@@ -69,6 +69,17 @@ class TLS:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
+def retry_delay(err: grpc.RpcError, backoff: float) -> float:
+    """The backoff, or the server's `retry-after-ms` hint when it asks for longer."""
+    for key, value in getattr(err, "trailing_metadata", lambda: None)() or ():
+        if key == "retry-after-ms":
+            try:
+                return max(backoff, float(value) / 1000.0)
+            except ValueError:
+                break
+    return backoff
+
+
 def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 

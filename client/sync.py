@@ -32,6 +32,7 @@ from rnnserve.client.connection import (
     metadata,
     predict_request,
     remaining,
+    retry_delay,
 )
 from rnnserve.client.results import (
     ModelInfo,
@@ -91,6 +92,7 @@ class Client:
                 return method(request, timeout=remaining(deadline), metadata=self._metadata)
             except grpc.RpcError as err:
                 delay = next(delays, None)
+                delay = None if delay is None else retry_delay(err, delay)
                 left = remaining(deadline)
                 if (
                     err.code() not in retry.codes

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from rnnserve.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from rnnserve.server.runner import BatchStats, ModelRunner, RowResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class BatcherStats:
     real_timesteps: int = 0
     padded_timesteps: int = 0
     dropped: int = 0
+    restarts: int = 0
 
 
 BatchObserver = Callable[[BatchStats, Sequence[float]], None]
@@ -90,6 +94,7 @@ class Batcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight = 0
         self._closed = False
+        self._row_seconds = 0.001  # moving average of compute time per sequence
 
     @property
     def queue_depth(self) -> int:
@@ -108,9 +113,12 @@ class Batcher:
         return [self.submit_nowait(x, deadline=deadline) for x in sequences]
 
     def _refuse(self, count: int) -> None:
+        # Hint: about the time the queue ahead takes to drain at the recent pace.
+        drain = len(self._pending) * self._row_seconds
         raise ResourceExhausted(
             f"queue of model {self.name} is full ({len(self._pending)} of "
-            f"{self.policy.max_queue} sequences waiting, {count} more asked); retry with backoff"
+            f"{self.policy.max_queue} sequences waiting, {count} more asked); retry with backoff",
+            retry_after=min(max(drain, 0.01), 5.0),
         )
 
     def submit_nowait(
@@ -130,11 +138,28 @@ class Batcher:
         if self._wakeup is None:
             self._wakeup = asyncio.Event()
             self._idle = asyncio.Event()
-            self._tasks = [loop.create_task(self._work()) for _ in range(self.policy.workers)]
+            for _ in range(self.policy.workers):
+                self._start_worker(loop)
         future: asyncio.Future[RowResult] = loop.create_future()
         self._pending.append(WorkItem(x, states, future, deadline, time.perf_counter(), session))
         self._wakeup.set()
         return future
+
+    def _start_worker(self, loop: asyncio.AbstractEventLoop) -> None:
+        task = loop.create_task(self._work())
+        task.add_done_callback(self._worker_ended)
+        self._tasks.append(task)
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        """A worker that dies (a bug, or killed mid-batch) is replaced; its batch was requeued."""
+        if task in self._tasks:
+            self._tasks.remove(task)
+        if self._closed:
+            return
+        why = "cancelled" if task.cancelled() else repr(task.exception())
+        log.error("batch worker of %s stopped (%s); starting a new one", self.name, why)
+        self.stats.restarts += 1
+        self._start_worker(task.get_loop())
 
     async def close(self) -> None:
         """Refuse new work, finish what is queued, stop the workers."""
@@ -142,9 +167,10 @@ class Batcher:
         while self.busy and self._idle is not None:
             self._idle.clear()
             await self._idle.wait()
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._executor.shutdown(wait=True)
@@ -174,6 +200,11 @@ class Batcher:
                     [item.states for item in batch],
                 )
                 self._record(batch, started)
+            except BaseException:
+                # This worker is going away mid-batch: what is unanswered goes back to the front
+                # of the queue for the worker that replaces it.
+                self._pending[:0] = [item for item in batch if not item.future.done()]
+                raise
             finally:
                 self._in_flight -= 1
             for item, result in zip(batch, results, strict=True):
@@ -245,7 +276,8 @@ class Batcher:
         stats.max_rows = max(stats.max_rows, len(batch))
         stats.real_timesteps += sum(lengths)
         stats.padded_timesteps += padded
+        seconds = time.perf_counter() - started
+        self._row_seconds = 0.8 * self._row_seconds + 0.2 * seconds / len(batch)
         if self._observer is not None:
-            seconds = time.perf_counter() - started
             waits = [started - item.enqueued for item in batch]
             self._observer(BatchStats(len(batch), sum(lengths), padded, seconds), waits)

@@ -13,6 +13,12 @@ class ServeError(Exception):
     """Base class: an error whose message is safe and useful to show the client."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    # Seconds after which a retry is likely to succeed (sent as `retry-after-ms` metadata).
+    retry_after: float | None = None
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class InvalidInput(ServeError):

@@ -150,7 +150,15 @@ def load_version(
 
     started = time.perf_counter()
     path = find_model_file(version_dir)
-    model = keras.saving.load_model(path, compile=False, safe_mode=not settings.allow_code)
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=not settings.allow_code)
+    except ValueError as exc:
+        if "safe_mode" not in str(exc):
+            raise
+        raise InvalidInput(
+            f"{path.name} carries code (for example a Lambda layer) and was refused; start the "
+            "server with --allow-code only if you trust where the model came from"
+        ) from exc
     plan = _with_labels(build_plan(model, allow_code=settings.allow_code), config)
     limits = [settings.max_length, config.max_length, plan.fixed_length]
     max_length = min(v for v in limits if v is not None)

@@ -46,6 +46,11 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 REQUEST_ID = "x-request-id"
 
 
+def _retry_hint(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    after = getattr(exc, "retry_after", None)
+    return (("retry-after-ms", str(round(after * 1000))),) if after else ()
+
+
 def request_id_of(context: grpc.aio.ServicerContext) -> str:
     """The caller's `x-request-id` (bounded), or a new one; echoed back in trailing metadata."""
     for key, value in context.invocation_metadata() or ():
@@ -142,7 +147,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise
         except Exception as exc:
             code, message = call.failed(exc)
-            await context.abort(code, message, trailing_metadata=trailer)
+            await context.abort(code, message, trailing_metadata=trailer + _retry_hint(exc))
         finally:
             call.done()
 

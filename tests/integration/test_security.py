@@ -1,0 +1,176 @@
+"""TLS, mutual TLS and bearer tokens with the real client, the refusals included; models that
+carry code are refused unless the operator opts in."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import zoo
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from rnnserve.client import TLS, Client, RetryPolicy
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+X = np.ones((3, zoo.D), np.float32)
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None = None,
+    *,
+    ca: bool = False,
+    server: bool = False,
+) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    issuer_name, issuer_key = issuer or (name, key)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[str, str]:
+    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.with_suffix(".key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(path.with_suffix(".crt")), str(path.with_suffix(".key"))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
+    """A CA, a server certificate for 127.0.0.1, a client certificate, and a stranger's."""
+    root = tmp_path_factory.mktemp("pki")
+    ca_key = _key()
+    ca = _cert("rnnserve test CA", ca_key, ca=True)
+    issuer = (ca.subject, ca_key)
+    server_key, client_key, other_key = _key(), _key(), _key()
+    other_ca_key = _key()
+    other_ca = _cert("someone else", other_ca_key, ca=True)
+    return {
+        "ca": _write(root / "ca", ca, ca_key),
+        "server": _write(
+            root / "server", _cert("127.0.0.1", server_key, issuer, server=True), server_key
+        ),
+        "client": _write(root / "client", _cert("client", client_key, issuer), client_key),
+        "stranger": _write(
+            root / "stranger",
+            _cert("stranger", other_key, (other_ca.subject, other_ca_key)),
+            other_key,
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def one_model(zoo_repository: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path_factory.mktemp("m")))
+
+
+def test_tls(serve: Any, one_model: str, pki: dict[str, tuple[str, str]]) -> None:
+    cert, key = pki["server"]
+    server = serve(model_dir=one_model, tls_cert=cert, tls_key=key, warmup=False)
+    with Client(server.target, tls=TLS(ca=pki["ca"][0]), retry=NO_RETRY) as client:
+        assert client.predict("lstm_masked", [X])[0].length == 3
+    with Client(server.target, retry=NO_RETRY) as plain, pytest.raises(grpc.RpcError) as err:
+        plain.predict("lstm_masked", [X], timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    untrusted = TLS(ca=pki["stranger"][0])
+    with (
+        Client(server.target, tls=untrusted, retry=NO_RETRY) as client,
+        pytest.raises(grpc.RpcError) as err,
+    ):
+        client.predict("lstm_masked", [X], timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls(serve: Any, one_model: str, pki: dict[str, tuple[str, str]]) -> None:
+    cert, key = pki["server"]
+    ca = pki["ca"][0]
+    server = serve(model_dir=one_model, tls_cert=cert, tls_key=key, tls_client_ca=ca, warmup=False)
+    good = TLS(ca=ca, cert=pki["client"][0], key=pki["client"][1])
+    with Client(server.target, tls=good, retry=NO_RETRY) as client:
+        assert client.predict("lstm_masked", [X])[0].length == 3
+    for refused in (TLS(ca=ca), TLS(ca=ca, cert=pki["stranger"][0], key=pki["stranger"][1])):
+        with Client(server.target, tls=refused, retry=NO_RETRY) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.predict("lstm_masked", [X], timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_bearer_tokens(serve: Any, one_model: str, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# one token per line\nalpha-secret\n\nbeta-secret\n")
+    server = serve(model_dir=one_model, token_file=str(tokens), warmup=False)
+    for token in ("alpha-secret", "beta-secret"):
+        with Client(server.target, token=token, retry=NO_RETRY) as client:
+            assert client.predict("lstm_masked", [X])[0].length == 3
+            with client.session("lstm_masked") as session:  # streams are guarded too
+                assert session.send(X).total_steps == 3
+    for token in (None, "wrong", "alpha-secre", "alpha-secret2"):
+        with Client(server.target, token=token, retry=NO_RETRY) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.predict("lstm_masked", [X])
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "bearer token" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                client.list_models()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as err, client.session("lstm_masked"):
+                pass
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert client.health()  # probes need no secret
+
+
+def test_models_carrying_code_are_refused_unless_allowed(serve: Any, tmp_path: Path) -> None:
+    import keras
+
+    inp = keras.Input((None, zoo.D))
+    hidden = keras.layers.Lambda(lambda t: t * 2.0)(
+        keras.layers.LSTM(4, return_sequences=True)(inp)
+    )
+    model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GRU(3)(hidden)))
+    (tmp_path / "models" / "coded" / "1").mkdir(parents=True)
+    model.save(tmp_path / "models" / "coded" / "1" / "model.keras")
+    safe = serve(model_dir=str(tmp_path / "models"), warmup=False)
+    with Client(safe.target) as client:
+        (summary,) = client.list_models().models
+        assert "carries code" in summary.versions[0].error
+        assert "--allow-code" in summary.versions[0].error
+    trusting = serve(model_dir=str(tmp_path / "models"), allow_code=True, warmup=False)
+    with Client(trusting.target) as client:
+        info = client.metadata("coded")
+        assert not info.mixed_length_batching  # a Lambda is not proven exact under padding
+        got = client.predict("coded", [X])[0].output.sequence
+        np.testing.assert_allclose(got, np.asarray(model(X[None]))[0], atol=1e-5, rtol=0)
