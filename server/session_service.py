@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -67,7 +66,7 @@ class SessionService:
             version=model.version,
             steps=0,
             state=bytes(4 * sum(model.plan.state_sizes)),
-            last_used=time.monotonic(),
+            last_used=self.store.now(),
         )
         self.store.add(session)
         model.sessions.add(session.id)
@@ -116,7 +115,7 @@ class SessionService:
             session.steps += len(x)
         finally:
             session.busy = False
-            session.last_used = time.monotonic()
+            session.last_used = self.store.now()
         return pb.StepResponse(
             session_id=session.id,
             steps=session.steps,
@@ -169,7 +168,7 @@ class SessionService:
             version=model.version,
             steps=state.steps,
             state=b"",
-            last_used=time.monotonic(),
+            last_used=self.store.now(),
         )
         if arrays:
             session.set_states([a.astype(np.float32) for a in arrays])

@@ -58,6 +58,7 @@ def check_session_id(session_id: str) -> str:
 
 class SessionStore(Protocol):
     def add(self, session: Session) -> None: ...
+    def now(self) -> float: ...
     def get(self, session_id: str) -> Session: ...
     def peek(self, session_id: str) -> Session | None: ...
     def remove(self, session_id: str, reason: str = CLOSED) -> Session | None: ...
@@ -78,7 +79,9 @@ class MemorySessionStore:
         overflow: str = "evict",
         on_end: EvictionListener | None = None,
         remember: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.now = clock
         self.ttl = ttl
         self.max_sessions = max_sessions
         self.overflow = overflow
@@ -107,11 +110,11 @@ class MemorySessionStore:
 
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
-        if session is None or self._expired(session, time.monotonic()):
+        if session is None or self._expired(session, self.now()):
             if session is not None:
                 self._end(session, EXPIRED)
             raise NotFound(self._why_missing(session_id))
-        session.last_used = time.monotonic()
+        session.last_used = self.now()
         self._sessions.move_to_end(session_id)
         return session
 
@@ -127,7 +130,7 @@ class MemorySessionStore:
 
     def expire(self, now: float | None = None) -> int:
         """End every session idle for longer than the TTL; returns how many."""
-        now = time.monotonic() if now is None else now
+        now = self.now() if now is None else now
         count = 0
         while self._sessions:
             oldest = next(iter(self._sessions.values()))
