@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from numpy.typing import ArrayLike
+
 from rnnserve.client.results import output_mode
 from rnnserve.client.tensors import to_tensor
 from rnnserve.v1 import inference_pb2 as pb

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from rnnserve.client.tensors import dtype_name, from_tensor
 from rnnserve.v1 import inference_pb2 as pb
 

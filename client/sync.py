@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from numpy.typing import ArrayLike
+
 from rnnserve.client.connection import (
     CHANNEL_OPTIONS,
     DEFAULT_RETRY,

@@ -6,6 +6,7 @@ Shared by the client and the server, so both sides agree on one encoding.
 from __future__ import annotations
 
 import numpy as np
+
 from rnnserve.v1 import inference_pb2 as pb
 
 _TO_NUMPY: dict[int, np.dtype] = {

@@ -11,6 +11,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+
+from rnnserve.server.interceptors import MalformedRequestInterceptor
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
 from rnnserve.server.security import server_credentials, token_interceptor
@@ -80,7 +82,9 @@ class Server:
             restored = self.sessions.restore(Path(s.session_snapshot))
             log.info("restored %d sessions from %s", restored, s.session_snapshot)
         limit = s.max_message_mb * 1024 * 1024
-        interceptors = [token_interceptor(s)] if (s.token_file or s.tokens) else []
+        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
+        if s.token_file or s.tokens:
+            interceptors.insert(0, token_interceptor(s))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[

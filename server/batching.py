@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from rnnserve.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from rnnserve.server.runner import BatchStats, ModelRunner, RowResult
 

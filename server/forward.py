@@ -24,6 +24,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+
 from rnnserve.server.plan import Mode, Plan, PlanStep, Role
 
 log = logging.getLogger(__name__)

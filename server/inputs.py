@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from rnnserve.client.tensors import dtype_name, from_tensor
 from rnnserve.server.errors import InvalidInput, ResourceExhausted
 from rnnserve.server.served_model import ServedModel

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from rnnserve.client.tensors import to_tensor
 from rnnserve.server.errors import InvalidInput
 from rnnserve.server.runner import RowResult

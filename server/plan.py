@@ -26,6 +26,7 @@ from typing import Any
 
 import keras
 import numpy as np
+
 from rnnserve.server.errors import InvalidInput
 
 

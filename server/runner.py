@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from rnnserve.server.errors import InferenceFailed
 from rnnserve.server.forward import Forward, pad_batch
 from rnnserve.server.plan import Mode

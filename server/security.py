@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from rnnserve.server.settings import Settings
 
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)

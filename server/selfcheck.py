@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from rnnserve.server.plan import Mode
 from rnnserve.server.runner import ModelRunner, RowResult
 

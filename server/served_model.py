@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from rnnserve.server.batching import Batcher, BatchObserver, BatchPolicy
 from rnnserve.server.errors import InvalidInput
 from rnnserve.server.forward import Forward

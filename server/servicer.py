@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+
 from rnnserve.server.errors import InvalidInput, ServeError, Unavailable, status_of
 from rnnserve.server.inputs import decode_request
 from rnnserve.server.metrics import UNKNOWN_MODEL, Metrics

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
 from rnnserve.client.tensors import from_tensor, to_tensor
 from rnnserve.server.errors import FailedPrecondition, InvalidInput, NotFound, ServeError
 from rnnserve.server.inputs import decode_sequence

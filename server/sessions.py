@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
 from rnnserve.server.errors import AlreadyExists, InvalidInput, NotFound, ResourceExhausted
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

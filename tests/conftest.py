@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
+
 from rnnserve.server.app import Server
 from rnnserve.server.settings import Settings
 

@@ -9,11 +9,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import zoo
+
 from rnnserve.client import AsyncClient, Client
 from rnnserve.client.tensors import to_tensor
 from rnnserve.v1 import inference_pb2 as pb
 from rnnserve.v1 import inference_pb2_grpc as pb_grpc
+
+import zoo
 
 FLOAT_MODEL, TOKEN_MODEL, FIXED_MODEL = "lstm_masked", "embedding_masked", "fixed_length"
 D = zoo.D

@@ -14,8 +14,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import zoo
+
 from rnnserve.client import AsyncClient, Client, RetryPolicy
+
+import zoo
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 

@@ -11,9 +11,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import zoo
 from prometheus_client.parser import text_string_to_metric_families
+
 from rnnserve.client import Client
+
+import zoo
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

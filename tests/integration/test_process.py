@@ -21,8 +21,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import zoo
+
 from rnnserve.client import Client, RetryPolicy
+
+import zoo
 
 ROOT = Path(__file__).resolve().parents[2]
 RNNSERVE = str(Path(sys.executable).parent / "rnnserve")

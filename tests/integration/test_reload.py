@@ -15,9 +15,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import zoo
+
 from rnnserve.client import Client
 from rnnserve.v1 import inference_pb2 as pb
+
+import zoo
 
 
 def _wait(what: str, check: Callable[[], bool], timeout: float = 120) -> None:

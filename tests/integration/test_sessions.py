@@ -12,8 +12,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import zoo
+
 from rnnserve.client import AsyncClient, Client, StepResult
+
+import zoo
 
 CAUSAL = [a for a in zoo.ARCHITECTURES if a.causal]
 STEPS = 2000

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+
 from rnnserve.server.batching import Batcher, BatchPolicy
 from rnnserve.server.errors import DeadlineExceeded, ResourceExhausted
 from rnnserve.server.runner import RowResult

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import zoo
+
 from rnnserve.server.forward import Forward, bucket_length, bucket_rows, pad_batch
 from rnnserve.server.plan import Mode, build_plan
+
+import zoo
 
 ATOL = 1e-5
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-import zoo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
 from rnnserve.client.tensors import to_tensor
 from rnnserve.server.batching import Batcher, BatchPolicy
 from rnnserve.server.errors import DeadlineExceeded, InvalidInput, NotFound, ResourceExhausted
@@ -27,6 +27,8 @@ from rnnserve.server.plan import build_plan
 from rnnserve.server.runner import RowResult
 from rnnserve.server.sessions import EXPIRED, LRU, MemorySessionStore, Session
 from rnnserve.v1 import inference_pb2 as pb
+
+import zoo
 
 # ---- decoder ----
 

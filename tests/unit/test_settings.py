@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from rnnserve.server import settings as settings_mod
 from rnnserve.server.settings import Settings
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from rnnserve.client.tensors import from_tensor, to_tensor
 from rnnserve.v1 import inference_pb2 as pb
 

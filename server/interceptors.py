@@ -1,0 +1,78 @@
+"""Bytes that do not parse as the request message get INVALID_ARGUMENT naming the expected message,
+instead of gRPC's default UNKNOWN status with a Python exception name."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from rnnserve.server.errors import InvalidInput
+
+
+class _Malformed:
+    __slots__ = ("error", "expected")
+
+    def __init__(self, expected: str, error: Exception) -> None:
+        self.expected = expected
+        self.error = error
+
+    def message(self) -> str:
+        return f"malformed request: the bytes do not parse as {self.expected} ({self.error})"
+
+
+def _safe(deserializer: Callable[[bytes], Any], expected: str) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, ValueError, TypeError) as exc:
+            return _Malformed(expected, exc)
+
+    return parse
+
+
+def _expected_name(method: str) -> str:
+    service, _, name = method.lstrip("/").partition("/")
+    return f"the request of {service}/{name}"
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        expected = _expected_name(details.method)
+        parse = _safe(handler.request_deserializer, expected)
+        serdes = dict(request_deserializer=parse, response_serializer=handler.response_serializer)
+        if handler.unary_unary:
+            behavior = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
+                return await behavior(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **serdes)
+        if handler.stream_stream:
+            stream = handler.stream_stream
+
+            def stream_handler(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+            ) -> Any:
+                return stream(_checked(requests), context)
+
+            return grpc.stream_stream_rpc_method_handler(stream_handler, **serdes)
+        return handler
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            raise InvalidInput(request.message())
+        yield request
