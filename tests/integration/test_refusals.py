@@ -100,7 +100,8 @@ def _table(rows: list[tuple[str, str, str]]) -> str:
     lines = ["| bad input | status | message (start) |", "|---|---|---|"]
     for case, code, message in rows:
         text = re.sub(r"\s+", " ", message).replace("|", "\\|")
-        text = re.sub(r"[0-9a-f]{32}", "<id>", text)  # generated ids vary per run
+        text = re.sub(r"[0-9a-f]{32}", "<id>", text)  # generated ids and ports vary per run
+        text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:<port>", text)
         lines.append(f"| {case} | `{code}` | {text[:110]} |")
     return "\n".join(lines)
 
