@@ -62,10 +62,11 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_stream:
             stream = handler.stream_stream
 
-            def stream_handler(
+            async def stream_handler(
                 requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-            ) -> Any:
-                return stream(_checked(requests), context)
+            ) -> AsyncIterator[Any]:
+                async for response in stream(_checked(requests), context):
+                    yield response
 
             return grpc.stream_stream_rpc_method_handler(stream_handler, **serdes)
         return handler
