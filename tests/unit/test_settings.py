@@ -44,3 +44,10 @@ def test_every_setting_has_a_flag_and_help() -> None:
     for name in Settings.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text
         assert "RNNSERVE_" + name.upper() in text
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name in Settings.__dataclass_fields__:
+        assert f"`--{name.replace('_', '-')}`" in readme, f"README lacks --{name}"
+        assert f"`RNNSERVE_{name.upper()}`" in readme
