@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh dev train
 .venv/bin/ruff check .
 .venv/bin/hadolint Dockerfile
+.venv/bin/mypy server client
 # pytest exits 5 when it collects no tests; with `set -e` that fails the run, as it should.
 .venv/bin/python -m pytest "$@"

@@ -52,7 +52,7 @@ class Time(enum.Enum):
 
 
 # Layers that act on each timestep on their own when their axis argument avoids the time axis.
-_STEPWISE: tuple[type, ...] = (
+_STEPWISE: tuple[type[Any], ...] = (
     keras.layers.Dense,
     keras.layers.Activation,
     keras.layers.Dropout,
@@ -82,7 +82,7 @@ _STEPWISE: tuple[type, ...] = (
     keras.layers.Minimum,
     keras.layers.Concatenate,
 )
-_RECURRENT_CELLS: tuple[type, ...] = (
+_RECURRENT_CELLS: tuple[type[Any], ...] = (
     keras.layers.LSTMCell,
     keras.layers.GRUCell,
     keras.layers.SimpleRNNCell,

@@ -84,7 +84,7 @@ def _fields() -> list[dataclasses.Field[Any]]:
 
 
 def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
-    kind = type(f.default)
+    kind: type[Any] = type(f.default)
     try:
         if kind is bool and isinstance(value, str):
             lowered = value.strip().lower()
