@@ -5,6 +5,8 @@ Shared by the client and the server, so both sides agree on one encoding.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from rnnserve.v1 import inference_pb2 as pb
@@ -17,6 +19,7 @@ _TO_NUMPY: dict[int, np.dtype] = {
     pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
 }
 _FROM_NUMPY: dict[str, int] = {dt.str[1:]: code for code, dt in _TO_NUMPY.items()}
+_F32 = np.dtype("<f4")
 
 
 def dtype_name(code: int) -> str:
@@ -36,6 +39,8 @@ def dtype_code(dtype: np.dtype | str) -> int:
 
 def to_tensor(array: np.ndarray) -> pb.Tensor:
     """Encode an array (C order, little-endian) without a per-element copy."""
+    if type(array) is np.ndarray and array.dtype == _F32:  # the common case, quickly
+        return pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=array.shape, data=array.tobytes())
     array = np.asarray(array)
     code = dtype_code(array.dtype)
     data = np.ascontiguousarray(array, dtype=_TO_NUMPY[code])
@@ -50,7 +55,7 @@ def from_tensor(tensor: pb.Tensor) -> np.ndarray:
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise ValueError(f"shape {list(shape)} has a negative dimension")
-    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    expected = math.prod(shape) * dt.itemsize
     if len(tensor.data) != expected:
         raise ValueError(
             f"shape {list(shape)} of {dt.name} needs {expected} bytes, payload has "

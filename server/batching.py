@@ -146,6 +146,14 @@ class Batcher:
         self._wakeup.set()
         return future
 
+    async def warm_up(self, sequences: Sequence[np.ndarray]) -> None:
+        """Run sequences one by one on the worker threads, outside the stats: the threads' first
+        TensorFlow calls (per-thread setup) happen here instead of in a client's request."""
+        loop = asyncio.get_running_loop()
+        for x in sequences:
+            for _ in range(self.policy.workers):
+                await loop.run_in_executor(self._executor, self.runner.run, [x], [None])
+
     def _start_worker(self, loop: asyncio.AbstractEventLoop) -> None:
         task = loop.create_task(self._work())
         task.add_done_callback(self._worker_ended)
@@ -225,8 +233,15 @@ class Batcher:
             await asyncio.sleep(delay - age)
 
     def _take_batch(self, now: float) -> list[WorkItem]:
+        # Only the oldest few batches' worth of work is considered, so forming a batch costs the
+        # same with a thousand sequences waiting as with fifty.
+        window = max(4 * self.policy.max_batch_size, 64)
+        pending = self._pending
         live: list[WorkItem] = []
-        for item in self._pending:
+        scanned = 0
+        while scanned < len(pending) and len(live) < window:
+            item = pending[scanned]
+            scanned += 1
             if item.future.done():  # the caller gave up (cancelled)
                 self.stats.dropped += 1
             elif item.deadline is not None and item.deadline <= now:
@@ -236,8 +251,9 @@ class Batcher:
                 )
             else:
                 live.append(item)
+        rest = pending[scanned:]
         if not live:
-            self._pending = []
+            self._pending = rest
             return []
         anchor = live[0]
         length = len(anchor.x)
@@ -265,7 +281,7 @@ class Batcher:
             batch.append(item)
             longest = padded
         taken = set(map(id, batch))
-        self._pending = [it for it in live if id(it) not in taken]
+        self._pending = [it for it in live if id(it) not in taken] + rest
         return batch
 
     def _record(self, batch: list[WorkItem], started: float) -> None:

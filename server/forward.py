@@ -3,7 +3,7 @@ states out. A plain request is a session step that starts from zero state.
 
 Two compiled forms. A graph `tf.function` with `None` batch and time dimensions serves any shape at
 once, so nothing retraces per request. On top of it, XLA programs compiled per shape *bucket* (rows
-rounded up to a power of two, timesteps to the ladder 1, 2, 3, 4, 6, 8, 12, 16, 24, ...) run the
+rounded up to 1, 4, 16, 64, ..., timesteps to 1, 2, 4, ..., 64, 96, 128, 192, ...) run the
 recurrent loop several times faster on CPU: batches are padded further to their bucket (extra rows
 have length 0; the length mask keeps padding out of every real row). A bucket is compiled in the
 background once it has been seen a few times (so one-off shapes cost no compile), and the graph
@@ -16,7 +16,6 @@ import bisect
 import concurrent.futures
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +28,9 @@ from rnnserve.server.plan import Mode, Plan, PlanStep, Role
 
 log = logging.getLogger(__name__)
 
-# Timestep buckets: powers of two and 1.5x powers of two, so padding to a bucket adds <= 50%.
-_LADDER = sorted({1, 3} | {2**k for k in range(1, 21)} | {3 * 2**k for k in range(1, 20)})
+# Few buckets where sequences are short (each costs a compile; a padded step is cheap there), finer
+# steps (x1.5) above 64 so that long sequences waste at most a third.
+_LADDER = sorted({2**k for k in range(21)} | {3 * 2**k for k in range(5, 20)})
 # A bucket is compiled once this many batches have fallen into it.
 HOT = 3
 # One compiler thread for all models: compiling is CPU-heavy and never urgent.
@@ -42,7 +42,11 @@ def bucket_length(steps: int) -> int:
 
 
 def bucket_rows(rows: int, most: int) -> int:
-    return min(1 << (rows - 1).bit_length(), max(most, rows))
+    """Powers of four up to the batch limit: a padded row costs little next to a compile."""
+    bucket = 1
+    while bucket < rows:
+        bucket *= 4
+    return min(bucket, max(most, rows))
 
 
 @dataclass
@@ -55,14 +59,34 @@ class BatchResult:
 
 
 def pad_batch(
-    sequences: Sequence[np.ndarray], step_shape: tuple[int, ...], dtype: str, length: int = 0
+    sequences: Sequence[np.ndarray],
+    step_shape: tuple[int, ...],
+    dtype: str,
+    length: int = 0,
+    rows: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Post-pad `sequences` with zeros to one [B, T, ...] array; T is the longest (or `length`)."""
-    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int32, count=len(sequences))
-    padded = np.zeros((len(sequences), max(int(lengths.max()), length), *step_shape), dtype=dtype)
+    """Post-pad `sequences` with zeros to one [B, T, ...] array: T is the longest (or `length`),
+    B their number (or `rows`: extra rows have length 0)."""
+    count = len(sequences)
+    lengths = np.zeros(max(rows, count), dtype=np.int32)
+    lengths[:count] = [len(s) for s in sequences]
+    padded = np.zeros((len(lengths), max(int(lengths.max()), length), *step_shape), dtype=dtype)
     for row, seq in enumerate(sequences):
         padded[row, : len(seq)] = seq
     return padded, lengths
+
+
+def _invoke(fn: Any, flat: list[np.ndarray], n_states: int) -> Any:
+    """Call a concrete function on flat numpy inputs: x, lengths, then the state tensors.
+
+    The batch thread runs Python under the GIL that the event loop needs too, and TensorFlow's
+    structured call path (binding and checking arguments) costs more than the compute of a small
+    batch; the flat call skips it. Falls back to the public call if the private one changes."""
+    call_flat = getattr(fn, "_call_flat", None)
+    if call_flat is not None:
+        tensors = [a if isinstance(a, tf.Tensor) else tf.constant(a) for a in flat]
+        return call_flat(tensors, fn.captured_inputs)
+    return fn(flat[0], flat[1], tuple(flat[2 : 2 + n_states]))
 
 
 def _and(mask: Any, length_mask: tf.Tensor) -> tf.Tensor:
@@ -92,68 +116,87 @@ def _per_step(layer: Any, value: Any) -> tf.Tensor:
 class Forward:
     """Runs a `Plan` on padded numpy batches."""
 
-    def __init__(self, plan: Plan, *, xla: bool = True, max_rows: int = 64, programs: int = 64):
+    def __init__(self, plan: Plan, *, xla: bool = True, max_rows: int = 64) -> None:
         self.plan = plan
         self._dtype = tf.dtypes.as_dtype(plan.input_dtype)
         state_specs = tuple(tf.TensorSpec([None, size], tf.float32) for size in plan.state_sizes)
         self._signature = (tf.TensorSpec([None], tf.int32), state_specs)
         self._traced: dict[int, Any] = {}  # EQUAL_LENGTH: one trace per sequence length
-        if plan.mode is not Mode.EQUAL_LENGTH:
-            x_spec = tf.TensorSpec([None, None, *plan.step_shape], self._dtype)
-            self._fn = tf.function(self._run_plan, input_signature=[x_spec, *self._signature])
         self.stepped = [o.per_step or plan.mode is Mode.CAUSAL for o in plan.outputs]
-        # XLA programs by (rows, timesteps) bucket, least recently used first.
         self.xla = xla and plan.mode is not Mode.EQUAL_LENGTH
+        if plan.mode is not Mode.EQUAL_LENGTH:
+            spec = [tf.TensorSpec([None, None, *plan.step_shape], self._dtype), *self._signature]
+            self._fn = tf.function(self._run_plan, input_signature=spec)
+            # Traced once, like the graph; XLA then compiles per input shape in C++, without
+            # holding the GIL, and caches each compiled shape.
+            self._xla_fn = tf.function(self._run_plan, input_signature=spec, jit_compile=True)
+            self._graph_concrete = self._fn.get_concrete_function()
+            self._xla_concrete = self._xla_fn.get_concrete_function()
         self._max_rows = max_rows
-        self._max_programs = programs
-        self._programs: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self._ready: set[tuple[int, int]] = set()  # buckets XLA has compiled
         self._compiling: set[tuple[int, int]] = set()
         self._seen: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
-        self._xla_fn = tf.function(self._run_plan, jit_compile=True) if self.xla else None
+        self._zeros: dict[int, list[Any]] = {}
+
+    def shape_for(self, rows: int, steps: int) -> tuple[int, int]:
+        """The [rows, steps] to pad a batch to: its bucket once XLA has compiled it, else its own
+        shape (for the graph function). Counts the bucket as seen, compiling it once hot."""
+        if not self.xla:
+            return rows, steps
+        key = self.bucket(rows, steps)
+        if key in self._ready:
+            return key
+        with self._lock:
+            seen = self._seen[key] = self._seen.get(key, 0) + 1
+        if seen >= HOT:
+            self.compile_later(rows, steps)
+        return rows, steps
 
     def __call__(
-        self, x: np.ndarray, lengths: np.ndarray, states: Sequence[np.ndarray] | None = None
+        self, x: np.ndarray, lengths: np.ndarray, states: Sequence[Any] | None = None
     ) -> BatchResult:
+        """Run a padded batch. Rows and steps beyond the real ones are padding (length 0 rows);
+        outputs keep the batch's shape."""
         rows, steps = x.shape[:2]
         if states is None:
-            states = [np.zeros((rows, size), np.float32) for size in self.plan.state_sizes]
-        program = self._program(rows, steps) if self.xla else None
-        if program is not None:
-            heads, new_states = self._run_bucketed(program, x, lengths, states)
+            states = self._zero_states(rows)
+        if self.plan.mode is Mode.EQUAL_LENGTH:
+            fn = self._for_length(steps)
         else:
-            fn = self._fn if self.plan.mode is not Mode.EQUAL_LENGTH else self._for_length(steps)
-            heads, new_states = fn(x, lengths, tuple(states))
+            fn = self._xla_concrete if (rows, steps) in self._ready else self._graph_concrete
+        heads, new_states = _invoke(fn, [x, lengths, *states], len(states))
         return BatchResult(
-            heads=[np.asarray(h)[:rows] for h in heads],
+            heads=[h.numpy() for h in heads],
             stepped=self.stepped,
-            states=[np.asarray(s)[:rows] for s in new_states],
+            states=[s.numpy() for s in new_states],
         )
 
-    # ---- XLA programs per shape bucket ----
+    def _zero_states(self, rows: int) -> list[Any]:
+        """Zero initial states as ready tensors, made once per batch size."""
+        zeros = self._zeros.get(rows)
+        if zeros is None:
+            zeros = [tf.zeros((rows, size), tf.float32) for size in self.plan.state_sizes]
+            self._zeros[rows] = zeros
+        return zeros
+
+    # ---- XLA compilation per shape bucket ----
 
     def bucket(self, rows: int, steps: int) -> tuple[int, int]:
         return bucket_rows(rows, self._max_rows), bucket_length(steps)
 
-    def _program(self, rows: int, steps: int) -> Any:
+    def compile(self, rows: int, steps: int) -> None:
+        """Compile the bucket of this shape now (warm-up)."""
+        if self.xla and self.bucket(rows, steps) not in self._ready:
+            self._compile(self.bucket(rows, steps))
+
+    def compile_later(self, rows: int, steps: int) -> None:
+        """Compile the bucket of this shape in the background."""
         key = self.bucket(rows, steps)
         with self._lock:
-            program = self._programs.get(key)
-            if program is not None:
-                self._programs.move_to_end(key)
-                return program
-            seen = self._seen[key] = self._seen.get(key, 0) + 1
-            if seen >= HOT and key not in self._compiling:
+            if self.xla and key not in self._ready and key not in self._compiling:
                 self._compiling.add(key)
                 _COMPILER.submit(self._compile_quietly, key)
-        return None
-
-    def compile(self, rows: int, steps: int) -> None:
-        """Compile the program for this shape's bucket now (warm-up)."""
-        if self.xla:
-            key = self.bucket(rows, steps)
-            if key not in self._programs:
-                self._compile(key)
 
     def _compile_quietly(self, key: tuple[int, int]) -> None:
         try:
@@ -167,34 +210,9 @@ class Forward:
     def _compile(self, key: tuple[int, int]) -> None:
         rows, steps = key
         x = np.zeros((rows, steps, *self.plan.step_shape), self._dtype.as_numpy_dtype)
-        lengths = np.zeros(rows, np.int32)
         states = tuple(np.zeros((rows, s), np.float32) for s in self.plan.state_sizes)
-        assert self._xla_fn is not None
-        program = self._xla_fn.get_concrete_function(
-            tf.TensorSpec(x.shape, self._dtype),
-            tf.TensorSpec(lengths.shape, tf.int32),
-            tuple(tf.TensorSpec(s.shape, tf.float32) for s in states),
-        )
-        program(x, lengths, states)  # XLA compiles on the first call
-        with self._lock:
-            self._programs[key] = program
-            while len(self._programs) > self._max_programs:
-                self._programs.popitem(last=False)
-
-    def _run_bucketed(
-        self, program: Any, x: np.ndarray, lengths: np.ndarray, states: Sequence[np.ndarray]
-    ) -> tuple[Any, Any]:
-        rows, steps = x.shape[:2]
-        b_rows, b_steps = self.bucket(rows, steps)
-        if (b_rows, b_steps) != (rows, steps):
-            padded = np.zeros((b_rows, b_steps, *x.shape[2:]), x.dtype)
-            padded[:rows, :steps] = x
-            x = padded
-            lengths = np.concatenate([lengths, np.zeros(b_rows - rows, np.int32)])
-            states = [
-                np.concatenate([s, np.zeros((b_rows - rows, s.shape[1]), s.dtype)]) for s in states
-            ]
-        return program(x, lengths, tuple(states))
+        self._xla_fn(x, np.zeros(rows, np.int32), states)  # compiles and caches this shape
+        self._ready.add(key)
 
     def _for_length(self, length: int) -> Any:
         # Unproven models get a static time dimension: some Keras layers (TimeDistributed among

@@ -39,37 +39,51 @@ def _expected_name(method: str) -> str:
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps each method's handler once (the registered handlers do not change)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        expected = _expected_name(details.method)
-        parse = _safe(handler.request_deserializer, expected)
-        serdes = dict(request_deserializer=parse, response_serializer=handler.response_serializer)
-        if handler.unary_unary:
-            behavior = handler.unary_unary
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:
+                return handler
+            wrapped = self._wrapped[details.method] = _wrap(handler, details.method)
+        return wrapped
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, _Malformed):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
-                return await behavior(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(unary, **serdes)
-        if handler.stream_stream:
-            stream = handler.stream_stream
-
-            async def stream_handler(
-                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                async for response in stream(_checked(requests), context):
-                    yield response
-
-            return grpc.stream_stream_rpc_method_handler(stream_handler, **serdes)
+def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    if handler.request_deserializer is None:
         return handler
+    expected = _expected_name(method)
+    parse = _safe(handler.request_deserializer, expected)
+    serdes = dict(request_deserializer=parse, response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        behavior = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
+            return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, **serdes)
+    if handler.stream_stream:
+        stream = handler.stream_stream
+
+        async def stream_handler(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            async for response in stream(_checked(requests), context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(stream_handler, **serdes)
+    return handler
 
 
 async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -8,6 +8,7 @@ Queue depth and open sessions are read at scrape time, so the request path pays 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import grpc
 from prometheus_client import (
@@ -133,6 +134,7 @@ class Metrics:
             registry=r,
         )
         self._states: dict[tuple[str, int], str] = {}
+        self._request_children: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
     def live(
         self,
@@ -151,8 +153,16 @@ class Metrics:
     def request(
         self, model: str, version: int, method: str, code: grpc.StatusCode, seconds: float
     ) -> None:
-        self.requests.labels(model, str(version) if version else "", method, code.name).inc()
-        self.request_seconds.labels(model, method).observe(seconds)
+        key = (model, version, method, code)
+        children = self._request_children.get(key)
+        if children is None:  # label lookups are slow; the set of keys is small
+            counter = self.requests.labels(
+                model, str(version) if version else "", method, code.name
+            )
+            children = (counter, self.request_seconds.labels(model, method))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def batch_observer(
         self, model: str, version: int

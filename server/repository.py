@@ -17,7 +17,7 @@ from pathlib import Path
 from rnnserve.server.batching import BatchObserver
 from rnnserve.server.errors import NotFound
 from rnnserve.server.model_config import ConfigError, VersionPolicy, read_config, read_policy
-from rnnserve.server.served_model import LoadState, ServedModel, load_version
+from rnnserve.server.served_model import LoadState, ServedModel, load_version, warm_up_sequences
 from rnnserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,8 @@ class Repository:
             return False
         finally:
             self._loading.discard((name, version))
+        if self.settings.warmup:
+            await served.batcher.warm_up(warm_up_sequences(served))
         self._served.setdefault(name, {})[version] = served
         self._notify(name, version, "ready", served.load_seconds)
         return True

@@ -66,20 +66,23 @@ class ModelRunner:
         self, sequences: Sequence[np.ndarray], states: Sequence[Sequence[np.ndarray] | None]
     ) -> list[RowResult]:
         plan = self.forward.plan
-        x, lengths = pad_batch(sequences, plan.step_shape, plan.input_dtype, self._pad_to or 0)
+        count = len(sequences)
+        steps = self.padded_length([len(s) for s in sequences])
+        rows, steps = self.forward.shape_for(count, steps)
+        x, lengths = pad_batch(sequences, plan.step_shape, plan.input_dtype, steps, rows)
         initial = None
         if self.state_sizes and any(s is not None for s in states):
-            initial = [np.zeros((len(sequences), size), np.float32) for size in self.state_sizes]
+            initial = [np.zeros((rows, size), np.float32) for size in self.state_sizes]
             for row, row_states in enumerate(states):
                 if row_states is not None:
                     for k, value in enumerate(row_states):
                         initial[k][row] = value
         out = self.forward(x, lengths, initial)
-        rows = []
-        for row, length in enumerate(lengths.tolist()):
+        results = []
+        for row, length in enumerate(lengths[:count].tolist()):
             heads = [
                 head[row, :length] if stepped else head[row]
                 for head, stepped in zip(out.heads, out.stepped, strict=True)
             ]
-            rows.append(RowResult(heads, out.stepped, [s[row] for s in out.states]))
-        return rows
+            results.append(RowResult(heads, out.stepped, [s[row] for s in out.states]))
+        return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import enum
 import logging
@@ -110,9 +111,35 @@ def _policy(settings: Settings, config: ModelConfig, plan: Plan) -> BatchPolicy:
     )
 
 
-def warm_up(runner: ModelRunner, policy: BatchPolicy, max_length: int) -> BatchPolicy:
-    """Compile and run the forward before traffic comes, and measure what a batch costs: the
-    time per padded step for one row and for a full batch gives the policy's step and row costs."""
+# Warm-up compiles every bucket of up to this many steps before the model takes traffic, and
+# one-row buckets up to LATER steps in the background right after.
+WARM_NOW, WARM_LATER = 64, 4096
+
+
+def compile_typical_shapes(forward: Forward, rows: int, max_length: int) -> None:
+    """Compile XLA, two buckets at a time, for every batch size bucket of short sequences (what
+    lone requests and bursts of them meet) before traffic comes; long ones right after."""
+    now = {
+        forward.bucket(r, t)
+        for r in range(1, rows + 1)
+        for t in range(1, min(max_length, WARM_NOW) + 1)
+    }
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda key: forward.compile(*key), sorted(now)))
+    later = {forward.bucket(1, t) for t in range(1, min(max_length, WARM_LATER) + 1)} - now
+    for key in sorted(later):
+        forward.compile_later(*key)
+
+
+def warm_up_sequences(model: ServedModel) -> list[np.ndarray]:
+    plan = model.plan
+    dtype = np.dtype(plan.input_dtype)
+    return [np.zeros((n, *plan.step_shape), dtype) for n in {1, min(model.max_length, 16)}]
+
+
+def measure_costs(runner: ModelRunner, policy: BatchPolicy, max_length: int) -> BatchPolicy:
+    """Time a batch of one row and a full batch of the same length: the policy's cost per padded
+    step and per row-step (see `batching`)."""
     plan = runner.forward.plan
     dtype = np.dtype(plan.input_dtype)
     length = min(max_length, 32)
@@ -130,8 +157,6 @@ def warm_up(runner: ModelRunner, policy: BatchPolicy, max_length: int) -> BatchP
                 raise failed[0]
         return sorted(times)[1]
 
-    runner.forward.compile(1, length)
-    runner.forward.compile(rows, length)
     one, full = seconds(batch[:1]), seconds(batch)
     row_cost = max((full - one) / (length * (rows - 1)), 1e-9)
     step_cost = max(one / length - row_cost, 0.0)
@@ -178,7 +203,8 @@ def load_version(
         policy = _policy(settings, config, plan)
         runner = runner_for(plan)
     if settings.warmup:
-        policy = warm_up(runner, policy, max_length)
+        compile_typical_shapes(runner.forward, policy.max_batch_size, max_length)
+    policy = measure_costs(runner, policy, max_length)
     batcher = Batcher(runner, policy, name=f"{name}:{version}", observer=observer)
     served = ServedModel(
         name=name,

@@ -7,9 +7,10 @@ one table) and counts the outcome in metrics.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -52,12 +53,17 @@ def _retry_hint(exc: BaseException) -> tuple[tuple[str, str], ...]:
     return (("retry-after-ms", str(round(after * 1000))),) if after else ()
 
 
+# Request ids unique to this process, cheap to make: a random prefix and a counter.
+_ID_PREFIX = os.urandom(4).hex() + "-"
+_ID_COUNTER = itertools.count(1)
+
+
 def request_id_of(context: grpc.aio.ServicerContext) -> str:
     """The caller's `x-request-id` (bounded), or a new one; echoed back in trailing metadata."""
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID and isinstance(value, str) and value:
             return value[:128]
-    return uuid.uuid4().hex[:16]
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
 
 
 class _Call:
@@ -168,7 +174,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
             futures = model.batcher.submit_many(sequences, deadline=deadline_of(context))
             try:
-                rows = await asyncio.gather(*futures)
+                rows = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
             finally:
                 for future in futures:
                     future.cancel()  # no-op once done; drops the rest if one failed

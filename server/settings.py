@@ -61,7 +61,9 @@ class Settings:
     # Models.
     poll_interval: float = _setting(0.0, "seconds between model repository scans (0: no reload)")
     allow_code: bool = _setting(False, "load models that carry code (Lambda layers, unsafe mode)")
-    warmup: bool = _setting(True, "compile each model for typical shapes before it takes traffic")
+    warmup: bool = _setting(
+        True, "compile XLA for typical shapes before a model takes traffic (slower start)"
+    )
     xla: bool = _setting(True, "run batches through XLA programs compiled per shape bucket")
     # Operations.
     grace: float = _setting(20.0, "seconds to finish in-flight work on SIGTERM before exiting")

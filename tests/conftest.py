@@ -95,5 +95,6 @@ def zoo_repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
 @pytest.fixture(scope="session")
 def zoo_server(zoo_repository: tuple[Path, dict[str, Any]]) -> Iterator[RunningServer]:
     root, _ = zoo_repository
-    with RunningServer(model_dir=str(root), max_batch_size=64) as server:
+    # No XLA warm-up (15 models x 28 buckets); buckets compile once hot, as they would anyway.
+    with RunningServer(model_dir=str(root), max_batch_size=64, warmup=False) as server:
         yield server

@@ -15,21 +15,11 @@ ATOL = 1e-5
 
 
 def test_buckets() -> None:
-    assert [bucket_length(n) for n in (1, 2, 3, 5, 7, 13, 17, 25, 33, 100, 300)] == [
-        1,
-        2,
-        3,
-        6,
-        8,
-        16,
-        24,
-        32,
-        48,
-        128,
-        384,
-    ]
-    assert [bucket_rows(n, 64) for n in (1, 2, 3, 5, 33, 64)] == [1, 2, 4, 8, 64, 64]
-    assert bucket_rows(100, 64) == 100  # above the batch cap: its own size
+    lengths = (1, 2, 3, 5, 7, 13, 17, 25, 33, 65, 100, 300)
+    assert [bucket_length(n) for n in lengths] == [1, 2, 4, 8, 8, 16, 32, 32, 64, 96, 128, 384]
+    assert [bucket_rows(n, 64) for n in (1, 2, 4, 5, 17, 33, 64)] == [1, 4, 4, 16, 64, 64, 64]
+    assert bucket_rows(20, 32) == 32  # capped at the batch limit
+    assert bucket_rows(100, 64) == 100  # above the batch limit: its own size
 
 
 def _expected(plan_outputs, heads, stepped, row, length):  # type: ignore[no-untyped-def]
@@ -51,9 +41,10 @@ def test_padded_batch_equals_each_sequence_alone(name: str, xla: bool) -> None:
     forward = Forward(plan, xla=xla)
     rng = np.random.default_rng(1)
     xs = zoo.sequences(arch, [1, 5, 17, 40, 9], rng)
-    x, lengths = pad_batch(xs, plan.step_shape, plan.input_dtype)
-    forward.compile(len(xs), x.shape[1])
-    assert (forward.bucket(len(xs), x.shape[1]) in forward._programs) == xla
+    forward.compile(len(xs), 40)
+    rows, steps = forward.shape_for(len(xs), 40)
+    assert (rows, steps) == ((16, 64) if xla else (5, 40))  # XLA runs the padded bucket
+    x, lengths = pad_batch(xs, plan.step_shape, plan.input_dtype, steps, rows)
     out = forward(x, lengths)
     reference = zoo.Reference(model)
     for row, seq in enumerate(xs):
@@ -78,7 +69,8 @@ def test_state_passing_chunks_equal_one_whole_run(xla: bool) -> None:
         for chunk in (x[start : start + 1], x[start + 1 : start + 8], x[start + 8 : start + 48]):
             if len(chunk) == 0:
                 continue
-            padded, lengths = pad_batch([chunk], plan.step_shape, plan.input_dtype)
+            rows, steps = forward.shape_for(1, len(chunk))
+            padded, lengths = pad_batch([chunk], plan.step_shape, plan.input_dtype, steps, rows)
             out = forward(padded, lengths, states)
             states = out.states
             tags.append(out.heads[0][0, : len(chunk)])
