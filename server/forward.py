@@ -126,11 +126,13 @@ class Forward:
         self.xla = xla and plan.mode is not Mode.EQUAL_LENGTH
         if plan.mode is not Mode.EQUAL_LENGTH:
             spec = [tf.TensorSpec([None, None, *plan.step_shape], self._dtype), *self._signature]
-            self._fn = tf.function(self._run_plan, input_signature=spec)
+            self._graph_concrete = tf.function(
+                self._run_plan, input_signature=spec
+            ).get_concrete_function()
+        if self.xla:
             # Traced once, like the graph; XLA then compiles per input shape in C++, without
             # holding the GIL, and caches each compiled shape.
             self._xla_fn = tf.function(self._run_plan, input_signature=spec, jit_compile=True)
-            self._graph_concrete = self._fn.get_concrete_function()
             self._xla_concrete = self._xla_fn.get_concrete_function()
         self._max_rows = max_rows
         self._ready: set[tuple[int, int]] = set()  # buckets XLA has compiled
