@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -43,7 +44,9 @@ _MODEL = SimpleNamespace(
 def tensors(draw: st.DrawFn) -> tuple[pb.Tensor, np.ndarray | None]:
     """A Tensor message, and the array it honestly encodes (None when it is malformed)."""
     dtype = draw(st.sampled_from(["float32", "float64", "float16", "int32", "int64"]))
-    shape = tuple(draw(st.lists(st.integers(0, 25), min_size=0, max_size=3)))
+    shape = tuple(
+        draw(st.lists(st.integers(0, 25), max_size=3).filter(lambda s: math.prod(s) <= 1000))
+    )
     values = draw(
         st.lists(
             st.one_of(st.floats(-1e3, 1e3, width=16), st.sampled_from([np.nan, np.inf, -np.inf])),
