@@ -5,6 +5,7 @@ Usage: python scripts/gen_proto.py [OUT_DIR]   (default: proto/, i.e. in place)
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,9 +19,16 @@ def generate(out_dir: Path) -> list[Path]:
     """Run protoc on every .proto under proto/rnnserve/v1 and return the files written."""
     sources = sorted((PROTO_ROOT / "rnnserve" / "v1").glob("*.proto"))
     out_dir.mkdir(parents=True, exist_ok=True)
+    # mypy-protobuf's plugin sits beside this interpreter, which need not be on PATH (a venv's
+    # python run by its full path, as the tests do).
+    beside = Path(sys.executable).parent / "protoc-gen-mypy"
+    plugin = str(beside) if beside.is_file() else shutil.which("protoc-gen-mypy")
+    if plugin is None:
+        raise SystemExit("protoc-gen-mypy not found: pip install -e '.[dev]'")
     args = [
         "protoc",
         f"-I{PROTO_ROOT}",
+        f"--plugin=protoc-gen-mypy={plugin}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",
