@@ -11,20 +11,20 @@ import numpy as np
 
 from rnnserve.v1 import inference_pb2 as pb
 
-_TO_NUMPY: dict[int, np.dtype] = {
+NUMPY_DTYPES: dict[int, np.dtype] = {
     pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
     pb.DATA_TYPE_INT32: np.dtype("<i4"),
     pb.DATA_TYPE_INT64: np.dtype("<i8"),
     pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
     pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
 }
-_FROM_NUMPY: dict[str, int] = {dt.str[1:]: code for code, dt in _TO_NUMPY.items()}
+_FROM_NUMPY: dict[str, int] = {dt.str[1:]: code for code, dt in NUMPY_DTYPES.items()}
 _F32 = np.dtype("<f4")
 
 
 def dtype_name(code: int) -> str:
     """'float32' for DATA_TYPE_FLOAT32, and so on ('unspecified' for unknown codes)."""
-    dt = _TO_NUMPY.get(code)
+    dt = NUMPY_DTYPES.get(code)
     return dt.name if dt is not None else "unspecified"
 
 
@@ -43,22 +43,22 @@ def to_tensor(array: np.ndarray) -> pb.Tensor:
         return pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=array.shape, data=array.tobytes())
     array = np.asarray(array)
     code = dtype_code(array.dtype)
-    data = np.ascontiguousarray(array, dtype=_TO_NUMPY[code])
+    data = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
     return pb.Tensor(dtype=code, shape=array.shape, data=data.tobytes())
 
 
 def from_tensor(tensor: pb.Tensor) -> np.ndarray:
     """Decode a Tensor; ValueError naming what is wrong when dtype, shape and bytes disagree."""
-    dt = _TO_NUMPY.get(tensor.dtype)
+    dt = NUMPY_DTYPES.get(tensor.dtype)
     if dt is None:
         raise ValueError(f"unknown dtype code {tensor.dtype}")
     shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
+    if min(shape, default=0) < 0:
         raise ValueError(f"shape {list(shape)} has a negative dimension")
+    data = tensor.data  # each read of a bytes field makes a new object: read it once
     expected = math.prod(shape) * dt.itemsize
-    if len(tensor.data) != expected:
+    if len(data) != expected:
         raise ValueError(
-            f"shape {list(shape)} of {dt.name} needs {expected} bytes, payload has "
-            f"{len(tensor.data)}"
+            f"shape {list(shape)} of {dt.name} needs {expected} bytes, payload has {len(data)}"
         )
-    return np.frombuffer(tensor.data, dtype=dt).reshape(shape)
+    return np.frombuffer(data, dtype=dt).reshape(shape)

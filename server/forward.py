@@ -16,6 +16,7 @@ import bisect
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,12 @@ _LADDER = sorted({2**k for k in range(21)} | {3 * 2**k for k in range(5, 20)})
 HOT = 3
 # One compiler thread for all models: compiling is CPU-heavy and never urgent.
 _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xla")
+# Speculative compiles (shapes no request has asked for yet) run on their own thread, and only once
+# no batch of any model has started for IDLE_BEFORE_SPECULATING seconds: they must not take CPU
+# from the first requests after a model loads.
+_SPECULATOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xla-idle")
+IDLE_BEFORE_SPECULATING = 2.0
+_last_batch = time.monotonic()  # when the latest batch of any model started (or the import)
 
 
 def bucket_length(steps: int) -> int:
@@ -140,6 +147,8 @@ class Forward:
         self._seen: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
         self._zeros: dict[int, list[Any]] = {}
+        self._queued: set[concurrent.futures.Future[None]] = set()  # background compiles
+        self._closed = threading.Event()
 
     def shape_for(self, rows: int, steps: int) -> tuple[int, int]:
         """The [rows, steps] to pad a batch to: its bucket once XLA has compiled it, else its own
@@ -156,10 +165,18 @@ class Forward:
         return rows, steps
 
     def __call__(
-        self, x: np.ndarray, lengths: np.ndarray, states: Sequence[Any] | None = None
+        self,
+        x: np.ndarray,
+        lengths: np.ndarray,
+        states: Sequence[Any] | None = None,
+        *,
+        final_states: bool = True,
     ) -> BatchResult:
         """Run a padded batch. Rows and steps beyond the real ones are padding (length 0 rows);
-        outputs keep the batch's shape."""
+        outputs keep the batch's shape. `final_states=False` skips copying out the final states
+        (plain requests throw them away)."""
+        global _last_batch
+        _last_batch = time.monotonic()
         rows, steps = x.shape[:2]
         if states is None:
             states = self._zero_states(rows)
@@ -171,7 +188,7 @@ class Forward:
         return BatchResult(
             heads=[h.numpy() for h in heads],
             stepped=self.stepped,
-            states=[s.numpy() for s in new_states],
+            states=[s.numpy() for s in new_states] if final_states else [],
         )
 
     def _zero_states(self, rows: int) -> list[Any]:
@@ -192,16 +209,32 @@ class Forward:
         if self.xla and self.bucket(rows, steps) not in self._ready:
             self._compile(self.bucket(rows, steps))
 
-    def compile_later(self, rows: int, steps: int) -> None:
-        """Compile the bucket of this shape in the background."""
+    def compile_later(self, rows: int, steps: int, *, speculative: bool = False) -> None:
+        """Compile the bucket of this shape in the background: soon, or (speculative) once the
+        server is idle."""
         key = self.bucket(rows, steps)
         with self._lock:
             if self.xla and key not in self._ready and key not in self._compiling:
                 self._compiling.add(key)
-                _COMPILER.submit(self._compile_quietly, key)
+                pool = _SPECULATOR if speculative else _COMPILER
+                job = pool.submit(self._compile_quietly, key, speculative)
+                self._queued.add(job)
+                job.add_done_callback(self._queued.discard)
 
-    def _compile_quietly(self, key: tuple[int, int]) -> None:
+    def close(self) -> None:
+        """Drop the background compiles not started yet (the model is unloading)."""
+        self._closed.set()
+        for job in list(self._queued):
+            job.cancel()
+
+    def _compile_quietly(self, key: tuple[int, int], speculative: bool = False) -> None:
         try:
+            if speculative:
+                while (idle := time.monotonic() - _last_batch) < IDLE_BEFORE_SPECULATING:
+                    if self._closed.wait(IDLE_BEFORE_SPECULATING - idle):
+                        return
+            if key in self._ready or self._closed.is_set():  # compiled meanwhile, or unloading
+                return
             self._compile(key)
         except Exception as exc:  # the graph function keeps answering for this bucket
             log.warning("XLA compile of bucket %s failed, staying on the graph: %s", key, exc)

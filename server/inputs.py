@@ -1,90 +1,121 @@
 """Decode and validate request sequences against what a model expects.
 
-Every refusal is an InvalidInput whose message names what was expected and what came.
+Every refusal is an InvalidInput whose message names what was expected and what came. Decoding runs
+on the event loop for every sequence, so what can be worked out once per model is, in `InputSpec`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from rnnserve.client.tensors import dtype_name, from_tensor
+from rnnserve.client.tensors import NUMPY_DTYPES, dtype_name
 from rnnserve.server.errors import InvalidInput, ResourceExhausted
-from rnnserve.server.served_model import ServedModel
 from rnnserve.v1 import inference_pb2 as pb
 
-_FLOAT_CODES = {pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT64, pb.DATA_TYPE_FLOAT16}
-_INT_CODES = {pb.DATA_TYPE_INT32, pb.DATA_TYPE_INT64}
+_FLOAT_CODES = frozenset({pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT64, pb.DATA_TYPE_FLOAT16})
+_INT_CODES = frozenset({pb.DATA_TYPE_INT32, pb.DATA_TYPE_INT64})
+_F32 = NUMPY_DTYPES[pb.DATA_TYPE_FLOAT32]
+_I32 = NUMPY_DTYPES[pb.DATA_TYPE_INT32]
+_INT32_END = 2**31
 
 
-def expected_shape(model: ServedModel) -> str:
-    return "[" + ", ".join(["T", *map(str, model.plan.step_shape)]) + "]"
+@dataclass(frozen=True)
+class InputSpec:
+    """What one model version accepts: [T, *step_shape] float features, or [T] token ids."""
+
+    model: str
+    step_shape: tuple[int, ...]
+    max_length: int
+    tokens: bool = False  # int32 token ids (an Embedding model) instead of float features
+    vocab_size: int | None = None
+    codes: frozenset[int] = field(init=False)
+    rank: int = field(init=False)
+    description: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        shape = "[" + ", ".join(["T", *map(str, self.step_shape)]) + "]"
+        what = "int32 token ids" if self.tokens else "float32 features"
+        object.__setattr__(self, "codes", _INT_CODES if self.tokens else _FLOAT_CODES)
+        object.__setattr__(self, "rank", 1 + len(self.step_shape))
+        object.__setattr__(
+            self, "description", f"{what} of shape {shape} with 1 <= T <= {self.max_length}"
+        )
 
 
-def describe_input(model: ServedModel) -> str:
-    plan = model.plan
-    what = "int32 token ids" if plan.input_dtype == "int32" else "float32 features"
-    return f"{what} of shape {expected_shape(model)} with 1 <= T <= {model.max_length}"
-
-
-def decode_sequence(model: ServedModel, tensor: pb.Tensor, where: str) -> np.ndarray:
+def decode_sequence(spec: InputSpec, tensor: pb.Tensor, where: str) -> np.ndarray:
     """One sequence as a numpy array of the model's input dtype, or InvalidInput."""
-    plan = model.plan
-    token_model = plan.input_dtype == "int32"
-    allowed = _INT_CODES if token_model else _FLOAT_CODES
-    if tensor.dtype not in allowed:
+    code = tensor.dtype
+    if code not in spec.codes:
+        raise InvalidInput(f"{where}: expected {spec.description}, got dtype {dtype_name(code)}")
+    dtype = NUMPY_DTYPES[code]
+    shape = tuple(tensor.shape)
+    data = tensor.data
+    if min(shape, default=0) < 0:
+        raise InvalidInput(f"{where}: shape {list(shape)} has a negative dimension")
+    needed = math.prod(shape) * dtype.itemsize
+    if len(data) != needed:
         raise InvalidInput(
-            f"{where}: expected {describe_input(model)}, got dtype {dtype_name(tensor.dtype)}"
+            f"{where}: shape {list(shape)} of {dtype.name} needs {needed} bytes, payload has "
+            f"{len(data)}"
         )
-    try:
-        array = from_tensor(tensor)
-    except ValueError as exc:
-        raise InvalidInput(f"{where}: {exc}") from None
-    if array.ndim != 1 + len(plan.step_shape) or array.shape[1:] != plan.step_shape:
-        raise InvalidInput(
-            f"{where}: expected {describe_input(model)}, got shape {list(array.shape)}"
-        )
-    length = array.shape[0]
+    if len(shape) != spec.rank or shape[1:] != spec.step_shape:
+        raise InvalidInput(f"{where}: expected {spec.description}, got shape {list(shape)}")
+    length = shape[0]
     if length == 0:
-        raise InvalidInput(f"{where}: empty sequence; expected {describe_input(model)}")
-    if length > model.max_length:
+        raise InvalidInput(f"{where}: empty sequence; expected {spec.description}")
+    if length > spec.max_length:
         raise InvalidInput(
-            f"{where}: {length} timesteps, longer than model {model.name}'s maximum "
-            f"{model.max_length}"
+            f"{where}: {length} timesteps, longer than model {spec.model}'s maximum "
+            f"{spec.max_length}"
         )
-    if token_model:
+    array = np.frombuffer(data, dtype).reshape(shape)
+    if spec.tokens:
         low, high = int(array.min()), int(array.max())
-        vocab = plan.vocab_size
-        if low < 0 or (vocab is not None and high >= vocab):
+        end = spec.vocab_size if spec.vocab_size is not None else _INT32_END
+        if low < 0 or high >= end:
             raise InvalidInput(
-                f"{where}: token ids must be in [0, {vocab}), got values from {low} to {high}"
+                f"{where}: token ids must be in [0, {end}), got values from {low} to {high}"
             )
-        return array.astype(np.int32, copy=False)
+        return array if dtype is _I32 else array.astype(_I32)
+    if dtype is not _F32:
+        with np.errstate(over="ignore"):  # out of float32's range: caught as Inf just below
+            array = array.astype(_F32)
     if not np.isfinite(array).all():
-        bad = int(np.flatnonzero(~np.isfinite(array.reshape(length, -1)).all(axis=1))[0])
+        rows = array.reshape(length, -1)
+        bad = int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
         raise InvalidInput(f"{where}: NaN or Inf at timestep {bad}; features must be finite")
-    return array.astype(np.float32, copy=False)
+    return array
 
 
 def decode_request(
-    model: ServedModel,
+    spec: InputSpec,
     tensors: Sequence[pb.Tensor],
     *,
     max_sequences: int,
     max_timesteps: int,
 ) -> list[np.ndarray]:
-    if not tensors:
-        raise InvalidInput(
-            f"no sequences in the request; expected one or more {describe_input(model)}"
-        )
-    if len(tensors) > max_sequences:
+    count = len(tensors)
+    if count == 1:  # the common case: no totals to add up
+        tensor = tensors[0]
+        if tensor.shape and tensor.shape[0] > max_timesteps:
+            raise ResourceExhausted(
+                f"{tensor.shape[0]} timesteps in one request; the limit is {max_timesteps}, "
+                "split it"
+            )
+        return [decode_sequence(spec, tensor, "sequence 0")]
+    if not count:
+        raise InvalidInput(f"no sequences in the request; expected one or more {spec.description}")
+    if count > max_sequences:
         raise ResourceExhausted(
-            f"{len(tensors)} sequences in one request; the limit is {max_sequences}, split it"
+            f"{count} sequences in one request; the limit is {max_sequences}, split it"
         )
     total = sum(int(t.shape[0]) if t.shape else 0 for t in tensors)
     if total > max_timesteps:
         raise ResourceExhausted(
             f"{total} timesteps in one request; the limit is {max_timesteps}, split it"
         )
-    return [decode_sequence(model, t, f"sequence {i}") for i, t in enumerate(tensors)]
+    return [decode_sequence(spec, t, f"sequence {i}") for i, t in enumerate(tensors)]

@@ -2,7 +2,8 @@
 
 Padding efficiency is one PromQL ratio:
 `rate(rnnserve_real_timesteps_total[5m]) / rate(rnnserve_padded_timesteps_total[5m])`.
-Queue depth and open sessions are read at scrape time, so the request path pays nothing for them.
+Queue depth and open sessions are read at scrape time, so the request path pays nothing for them;
+per-request and per-batch series are plain tallies kept by the event loop (`tallies.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     start_http_server,
 )
@@ -23,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from rnnserve.server.runner import BatchStats
+from rnnserve.server.tallies import CounterTally, HistogramTally, Tallies
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -56,58 +57,60 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
+        # Per request and per batch: tallies kept by the event loop, read at scrape time.
+        self.requests = CounterTally(
             "rnnserve_requests",
             "RPCs (and stream chunks) answered, by status code",
-            ["model", "version", "method", "code"],
-            registry=r,
+            ("model", "version", "method", "code"),
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = HistogramTally(
             "rnnserve_request_duration_seconds",
             "Time from receiving an RPC (or stream chunk) to answering it",
-            ["model", "method"],
-            buckets=_LATENCY,
-            registry=r,
+            ("model", "method"),
+            _LATENCY,
         )
-        self.queue_seconds = Histogram(
+        self.queue_seconds = HistogramTally(
             "rnnserve_queue_wait_seconds",
             "Time a sequence waited before its batch started",
-            ["model", "version"],
-            buckets=_LATENCY,
-            registry=r,
+            ("model", "version"),
+            _LATENCY,
         )
-        self.compute_seconds = Histogram(
+        self.compute_seconds = HistogramTally(
             "rnnserve_batch_compute_seconds",
             "Time to compute one batch",
-            ["model", "version"],
-            buckets=_LATENCY,
-            registry=r,
+            ("model", "version"),
+            _LATENCY,
         )
-        self.batch_rows = Histogram(
-            "rnnserve_batch_size",
-            "Sequences per batch",
-            ["model", "version"],
-            buckets=_ROWS,
-            registry=r,
+        self.batch_rows = HistogramTally(
+            "rnnserve_batch_size", "Sequences per batch", ("model", "version"), _ROWS
         )
-        self.batch_cells = Histogram(
+        self.batch_cells = HistogramTally(
             "rnnserve_batch_padded_timesteps",
             "Padded timesteps per batch (rows x longest)",
-            ["model", "version"],
-            buckets=_CELLS,
-            registry=r,
+            ("model", "version"),
+            _CELLS,
         )
-        self.real_timesteps = Counter(
-            "rnnserve_real_timesteps",
-            "Timesteps of real data computed",
-            ["model", "version"],
-            registry=r,
+        self.real_timesteps = CounterTally(
+            "rnnserve_real_timesteps", "Timesteps of real data computed", ("model", "version")
         )
-        self.padded_timesteps = Counter(
+        self.padded_timesteps = CounterTally(
             "rnnserve_padded_timesteps",
             "Timesteps computed including padding",
-            ["model", "version"],
-            registry=r,
+            ("model", "version"),
+        )
+        r.register(
+            Tallies(
+                [
+                    self.requests,
+                    self.request_seconds,
+                    self.queue_seconds,
+                    self.compute_seconds,
+                    self.batch_rows,
+                    self.batch_cells,
+                    self.real_timesteps,
+                    self.padded_timesteps,
+                ]
+            )
         )
         self.session_ends = Counter(
             "rnnserve_session_ends",
@@ -134,7 +137,7 @@ class Metrics:
             registry=r,
         )
         self._states: dict[tuple[str, int], str] = {}
-        self._request_children: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+        self._request_keys: dict[tuple[Any, ...], tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def live(
         self,
@@ -154,35 +157,28 @@ class Metrics:
         self, model: str, version: int, method: str, code: grpc.StatusCode, seconds: float
     ) -> None:
         key = (model, version, method, code)
-        children = self._request_children.get(key)
-        if children is None:  # label lookups are slow; the set of keys is small
-            counter = self.requests.labels(
-                model, str(version) if version else "", method, code.name
-            )
-            children = (counter, self.request_seconds.labels(model, method))
-            self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        labels = self._request_keys.get(key)
+        if labels is None:  # the set of keys is small; build their label tuples once
+            labels = (model, str(version) if version else "", method, code.name), (model, method)
+            self._request_keys[key] = labels
+        self.requests.inc(labels[0])
+        self.request_seconds.observe(labels[1], seconds)
 
     def batch_observer(
         self, model: str, version: int
     ) -> Callable[[BatchStats, Sequence[float]], None]:
         labels = (model, str(version))
-        queue = self.queue_seconds.labels(*labels)
-        compute = self.compute_seconds.labels(*labels)
-        rows = self.batch_rows.labels(*labels)
-        cells = self.batch_cells.labels(*labels)
-        real = self.real_timesteps.labels(*labels)
-        padded = self.padded_timesteps.labels(*labels)
+        queue, compute = self.queue_seconds, self.compute_seconds
+        rows, cells = self.batch_rows, self.batch_cells
+        real, padded = self.real_timesteps, self.padded_timesteps
 
         def observe(stats: BatchStats, waits: Sequence[float]) -> None:
-            for wait in waits:
-                queue.observe(wait)
-            compute.observe(stats.seconds)
-            rows.observe(stats.rows)
-            cells.observe(stats.padded_timesteps)
-            real.inc(stats.real_timesteps)
-            padded.inc(stats.padded_timesteps)
+            queue.observe_many(labels, waits)
+            compute.observe(labels, stats.seconds)
+            rows.observe(labels, stats.rows)
+            cells.observe(labels, stats.padded_timesteps)
+            real.inc(labels, stats.real_timesteps)
+            padded.inc(labels, stats.padded_timesteps)
 
         return observe
 

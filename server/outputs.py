@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnserve.client.tensors import to_tensor
 from rnnserve.server.errors import InvalidInput
 from rnnserve.server.runner import RowResult
 from rnnserve.server.served_model import ServedModel
@@ -20,28 +19,44 @@ _MODES = {
     pb.OUTPUT_MODE_STEPS,
     pb.OUTPUT_MODE_BOTH,
 }
+_F32 = np.dtype("<f4")
+_CACHED_SELECTIONS = 256  # per model version; requests vary only in mode, names and top_k
+
+
+@dataclass(frozen=True, slots=True)
+class HeadChoice:
+    index: int
+    name: str
+    labels: tuple[str, ...]
+    sequence: bool  # send the sequence-level row
+    steps: bool  # send the per-step rows
 
 
 @dataclass(frozen=True)
 class Selection:
-    """For each chosen output head: its index, and whether to send its sequence / step rows."""
-
-    heads: tuple[int, ...]
-    sequence: tuple[bool, ...]
-    steps: tuple[bool, ...]
+    heads: tuple[HeadChoice, ...]
     top_k: int
 
 
 def select(model: ServedModel, mode: int, names: Sequence[str], top_k: int) -> Selection:
+    """The outputs to send for these request options (worked out once per distinct options)."""
+    key = (mode, top_k, *names)
+    selection = model.selections.get(key)
+    if selection is None:
+        selection = _select(model, mode, names, top_k)
+        if len(model.selections) < _CACHED_SELECTIONS:
+            model.selections[key] = selection
+    return selection
+
+
+def _select(model: ServedModel, mode: int, names: Sequence[str], top_k: int) -> Selection:
     if mode not in _MODES:
         raise InvalidInput(f"unknown output_mode {mode}; expected DEFAULT, SEQUENCE, STEPS or BOTH")
     if top_k < 0:
         raise InvalidInput(f"top_k must be >= 0, got {top_k}")
-    heads = (
-        tuple(model.output_index(n) for n in names) if names else tuple(range(len(model.outputs)))
-    )
-    sequence, steps = [], []
-    for h in heads:
+    indices = [model.output_index(n) for n in names] if names else range(len(model.outputs))
+    heads = []
+    for h in indices:
         spec = model.outputs[h]
         want_steps = mode in (pb.OUTPUT_MODE_STEPS, pb.OUTPUT_MODE_BOTH) or (
             mode == pb.OUTPUT_MODE_DEFAULT and spec.per_step
@@ -51,36 +66,39 @@ def select(model: ServedModel, mode: int, names: Sequence[str], top_k: int) -> S
                 f"output {spec.name} of model {model.name} is one per sequence and the model is "
                 "not causal, so it has no per-step values; use OUTPUT_MODE_SEQUENCE"
             )
-        steps.append(want_steps)
-        sequence.append(
-            mode != pb.OUTPUT_MODE_STEPS and not (mode == pb.OUTPUT_MODE_DEFAULT and spec.per_step)
+        want_sequence = mode != pb.OUTPUT_MODE_STEPS and not (
+            mode == pb.OUTPUT_MODE_DEFAULT and spec.per_step
         )
-    return Selection(heads, tuple(sequence), tuple(steps), top_k)
+        heads.append(HeadChoice(h, spec.name, spec.labels, want_sequence, want_steps))
+    return Selection(tuple(heads), top_k)
 
 
-def _top_k(row: np.ndarray, k: int, labels: Sequence[str]) -> list[pb.ClassScore]:
-    order = np.argsort(-row, kind="stable")[:k]
-    return [
-        pb.ClassScore(index=int(i), label=labels[i] if labels else "", score=float(row[i]))
-        for i in order
-    ]
+def _fill(tensor: pb.Tensor, array: np.ndarray) -> None:
+    """Write an output array (float32, C order, as the runner makes them) into a Tensor."""
+    if array.dtype != _F32 or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array, dtype=_F32)
+    tensor.dtype = pb.DATA_TYPE_FLOAT32
+    tensor.shape.extend(array.shape)
+    tensor.data = array.tobytes()
 
 
-def encode_row(
-    model: ServedModel, row: RowResult, length: int, sel: Selection
-) -> pb.SequenceResult:
-    result = pb.SequenceResult(length=length)
-    for h, want_seq, want_steps in zip(sel.heads, sel.sequence, sel.steps, strict=True):
-        spec = model.outputs[h]
-        value = row.heads[h]
-        last = value[-1] if row.stepped[h] else value
-        out = result.outputs.add(name=spec.name)
-        if want_seq:
-            out.sequence.CopyFrom(to_tensor(last))
+def _top_k(out: pb.OutputValue, row: np.ndarray, k: int, labels: Sequence[str]) -> None:
+    for i in np.argsort(-row, kind="stable")[:k].tolist():
+        out.top_k.add(index=i, label=labels[i] if labels else "", score=float(row[i]))
+
+
+def encode_row(row: RowResult, length: int, sel: Selection, result: pb.SequenceResult) -> None:
+    """Fill `result` (a message already in its response) with one sequence's outputs."""
+    result.length = length
+    for head in sel.heads:
+        value = row.heads[head.index]
+        out = result.outputs.add(name=head.name)
+        if head.sequence:
+            last = value[-1] if row.stepped[head.index] else value
+            _fill(out.sequence, last)
             if sel.top_k and last.ndim == 1:
-                out.top_k.extend(_top_k(last, sel.top_k, spec.labels))
-        if want_steps:
-            out.steps.CopyFrom(to_tensor(value))
-            if spec.labels and value.ndim == 2:
-                out.step_classes.extend(np.argmax(value, axis=1).tolist())
-    return result
+                _top_k(out, last, sel.top_k, head.labels)
+        if head.steps:
+            _fill(out.steps, value)
+            if head.labels and value.ndim == 2:
+                out.step_classes.extend(value.argmax(axis=1).tolist())

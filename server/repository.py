@@ -93,19 +93,30 @@ class Repository:
     def resolve(self, name: str, version: int = 0, *, draining_ok: bool = False) -> ServedModel:
         """The version that serves `name` (the latest ready one when `version` is 0)."""
         versions = self._served.get(name)
+        if versions:
+            if version:
+                model = versions.get(version)
+                if model is not None and _usable(model, draining_ok):
+                    return model
+            else:
+                best: ServedModel | None = None
+                for model in versions.values():
+                    newer = best is None or model.version > best.version
+                    if newer and _usable(model, draining_ok):
+                        best = model
+                if best is not None:
+                    return best
+        raise self._not_found(name, version, draining_ok)
+
+    def _not_found(self, name: str, version: int, draining_ok: bool) -> NotFound:
+        versions = self._served.get(name)
         if not versions:
             known = ", ".join(sorted(self._served)) or "none"
             why = self._failed_reason(name)
-            raise NotFound(f"model {name!r} is not served{why}; models served: {known}")
-        ok = {LoadState.READY, LoadState.DRAINING} if draining_ok else {LoadState.READY}
-        ready = {v: m for v, m in versions.items() if m.state in ok}
-        if version == 0:
-            if ready:
-                return ready[max(ready)]
-        elif version in ready:
-            return ready[version]
-        listed = ", ".join(str(v) for v in sorted(ready)) or "none"
-        raise NotFound(
+            return NotFound(f"model {name!r} is not served{why}; models served: {known}")
+        ready = sorted(v for v, m in versions.items() if _usable(m, draining_ok))
+        listed = ", ".join(map(str, ready)) or "none"
+        return NotFound(
             f"model {name!r} has no version {version} ready{self._failed_reason(name, version)}; "
             f"ready versions: {listed}"
         )
@@ -209,7 +220,7 @@ class Repository:
             if served.state is LoadState.DRAINING and not served.sessions:
                 if served.batcher.busy:
                     continue  # next sync
-                await served.batcher.close()
+                await served.close()
                 del self._served[served.name][served.version]
                 if not self._served[served.name]:
                     del self._served[served.name]
@@ -224,8 +235,12 @@ class Repository:
 
     async def close(self) -> None:
         for served in self.served():
-            await served.batcher.close()
+            await served.close()
 
     def _notify(self, name: str, version: int, event: str, seconds: float | None) -> None:
         if self._listener is not None:
             self._listener(name, version, event, seconds)
+
+
+def _usable(model: ServedModel, draining_ok: bool) -> bool:
+    return model.state is LoadState.READY or (draining_ok and model.state is LoadState.DRAINING)

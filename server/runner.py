@@ -25,7 +25,7 @@ class RowResult:
 
     heads: list[np.ndarray]
     stepped: list[bool]
-    states: list[np.ndarray]  # final state, one [size] array per state tensor
+    states: list[np.ndarray]  # final state, one [size] array per state tensor (sessions only)
 
 
 @dataclass(slots=True)
@@ -71,18 +71,20 @@ class ModelRunner:
         rows, steps = self.forward.shape_for(count, steps)
         x, lengths = pad_batch(sequences, plan.step_shape, plan.input_dtype, steps, rows)
         initial = None
-        if self.state_sizes and any(s is not None for s in states):
+        sessions = self.state_sizes and any(s is not None for s in states)
+        if sessions:
             initial = [np.zeros((rows, size), np.float32) for size in self.state_sizes]
             for row, row_states in enumerate(states):
                 if row_states is not None:
                     for k, value in enumerate(row_states):
                         initial[k][row] = value
-        out = self.forward(x, lengths, initial)
+        out = self.forward(x, lengths, initial, final_states=bool(sessions))
         results = []
         for row, length in enumerate(lengths[:count].tolist()):
             heads = [
                 head[row, :length] if stepped else head[row]
                 for head, stepped in zip(out.heads, out.stepped, strict=True)
             ]
-            results.append(RowResult(heads, out.stepped, [s[row] for s in out.states]))
+            finals = [s[row] for s in out.states] if sessions else []
+            results.append(RowResult(heads, out.stepped, finals))
         return results

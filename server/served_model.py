@@ -16,6 +16,7 @@ import numpy as np
 from rnnserve.server.batching import Batcher, BatchObserver, BatchPolicy
 from rnnserve.server.errors import InvalidInput
 from rnnserve.server.forward import Forward
+from rnnserve.server.inputs import InputSpec
 from rnnserve.server.model_config import ConfigError, ModelConfig
 from rnnserve.server.plan import OutputSpec, Plan, build_plan
 from rnnserve.server.runner import ModelRunner
@@ -48,10 +49,27 @@ class ServedModel:
     load_seconds: float = 0.0
     # Sessions pinned to this version; it unloads only when they are gone.
     sessions: set[str] = field(default_factory=set)
+    inputs: InputSpec = field(init=False)
+    # Output selections already worked out, by request options (see `outputs.select`).
+    selections: dict[tuple[object, ...], Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.inputs = InputSpec(
+            model=self.name,
+            step_shape=self.plan.step_shape,
+            max_length=self.max_length,
+            tokens=self.plan.input_dtype == "int32",
+            vocab_size=self.plan.vocab_size,
+        )
 
     @property
     def outputs(self) -> tuple[OutputSpec, ...]:
         return self.plan.outputs
+
+    async def close(self) -> None:
+        """Finish queued work, stop the batch workers and background compiles."""
+        await self.batcher.close()
+        self.runner.forward.close()
 
     def output_index(self, name: str) -> int:
         for i, spec in enumerate(self.plan.outputs):
@@ -118,7 +136,8 @@ WARM_NOW, WARM_LATER = 64, 4096
 
 def compile_typical_shapes(forward: Forward, rows: int, max_length: int) -> None:
     """Compile XLA, two buckets at a time, for every batch size bucket of short sequences (what
-    lone requests and bursts of them meet) before traffic comes; long ones right after."""
+    lone requests and bursts of them meet) before traffic comes; one-row buckets of long ones
+    later, when the server is idle."""
     now = {
         forward.bucket(r, t)
         for r in range(1, rows + 1)
@@ -128,7 +147,7 @@ def compile_typical_shapes(forward: Forward, rows: int, max_length: int) -> None
         list(pool.map(lambda key: forward.compile(*key), sorted(now)))
     later = {forward.bucket(1, t) for t in range(1, min(max_length, WARM_LATER) + 1)} - now
     for key in sorted(later):
-        forward.compile_later(*key)
+        forward.compile_later(*key, speculative=True)
 
 
 def warm_up_sequences(model: ServedModel) -> list[np.ndarray]:

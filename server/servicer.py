@@ -167,25 +167,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             model = call.serving(self.repository.resolve(request.model_name, request.model_version))
             selection = select(model, request.output_mode, request.output_names, request.top_k)
             sequences = decode_request(
-                model,
+                model.inputs,
                 request.sequences,
                 max_sequences=self.settings.max_sequences,
                 max_timesteps=self.settings.max_request_timesteps,
             )
             futures = model.batcher.submit_many(sequences, deadline=deadline_of(context))
-            try:
-                rows = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
-            finally:
-                for future in futures:
-                    future.cancel()  # no-op once done; drops the rest if one failed
-            return pb.PredictResponse(
-                model_name=model.name,
-                model_version=model.version,
-                results=[
-                    encode_row(model, row, len(x), selection)
-                    for row, x in zip(rows, sequences, strict=True)
-                ],
-            )
+            if len(futures) == 1:  # a cancelled handler cancels the future it awaits
+                rows = [await futures[0]]
+            else:
+                try:
+                    rows = await asyncio.gather(*futures)
+                finally:
+                    for future in futures:
+                        future.cancel()  # no-op once done; drops the rest if one failed
+            response = pb.PredictResponse(model_name=model.name, model_version=model.version)
+            results = response.results
+            for row, x in zip(rows, sequences, strict=True):
+                encode_row(row, len(x), selection, results.add())
+            return response
 
         return await self._unary("Predict", context, body)
 

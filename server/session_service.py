@@ -105,7 +105,7 @@ class SessionService:
                 f"chunk out of order for session {session.id}: it starts at offset {chunk.offset} "
                 f"but the session has consumed {session.steps} timesteps; nothing was applied"
             )
-        x = decode_sequence(model, chunk.data, f"chunk of session {session.id}")
+        x = decode_sequence(model.inputs, chunk.data, f"chunk of session {session.id}")
         if selection is None:
             selection = select(model, mode, (), top_k)
         session.busy = True
@@ -117,11 +117,9 @@ class SessionService:
         finally:
             session.busy = False
             session.last_used = self.store.now()
-        return pb.StepResponse(
-            session_id=session.id,
-            steps=session.steps,
-            result=encode_row(model, row, len(x), selection),
-        )
+        response = pb.StepResponse(session_id=session.id, steps=session.steps)
+        encode_row(row, len(x), selection, response.result)
+        return response
 
     def close(self, session_id: str) -> pb.SessionInfo:
         session = self.store.get(check_session_id(session_id))

@@ -10,7 +10,6 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ from rnnserve.client.tensors import to_tensor
 from rnnserve.server.batching import Batcher, BatchPolicy
 from rnnserve.server.errors import DeadlineExceeded, InvalidInput, NotFound, ResourceExhausted
 from rnnserve.server.forward import Forward, pad_batch
-from rnnserve.server.inputs import decode_sequence
+from rnnserve.server.inputs import InputSpec, decode_sequence
 from rnnserve.server.plan import build_plan
 from rnnserve.server.runner import RowResult
 from rnnserve.server.sessions import EXPIRED, LRU, MemorySessionStore, Session
@@ -33,11 +32,7 @@ import zoo
 
 # ---- decoder ----
 
-_MODEL = SimpleNamespace(
-    name="m",
-    max_length=20,
-    plan=SimpleNamespace(input_dtype="float32", step_shape=(3,), vocab_size=None),
-)
+_SPEC = InputSpec(model="m", step_shape=(3,), max_length=20)
 
 
 @st.composite
@@ -86,9 +81,9 @@ def test_decoder_accepts_exactly_the_valid_sequences(
     )
     if not valid:
         with pytest.raises(InvalidInput, match=r"^sequence 0: "):
-            decode_sequence(_MODEL, tensor, "sequence 0")  # type: ignore[arg-type]
+            decode_sequence(_SPEC, tensor, "sequence 0")
         return
-    got = decode_sequence(_MODEL, tensor, "sequence 0")  # type: ignore[arg-type]
+    got = decode_sequence(_SPEC, tensor, "sequence 0")
     assert array is not None
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, array.astype(np.float32))
