@@ -20,6 +20,7 @@ from rnnserve.server.servicer import InferenceServicer
 from rnnserve.server.session_service import SessionService
 from rnnserve.server.sessions import MemorySessionStore, Session
 from rnnserve.server.settings import Settings
+from rnnserve.server.warmup import warm_front_door
 from rnnserve.v1 import inference_pb2 as pb
 from rnnserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -81,6 +82,10 @@ class Server:
         if s.session_snapshot:
             restored = self.sessions.restore(Path(s.session_snapshot))
             log.info("restored %d sessions from %s", restored, s.session_snapshot)
+        if s.warmup:
+            # Its own servicer and metrics: warm-up calls are not traffic.
+            servicer = InferenceServicer(self.repository, self.sessions, Metrics(), s)
+            await warm_front_door(servicer, self.repository.served())
         limit = s.max_message_mb * 1024 * 1024
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
         if s.token_file or s.tokens:

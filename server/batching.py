@@ -17,7 +17,7 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,6 +96,7 @@ class Batcher:
         self._in_flight = 0
         self._closed = False
         self._row_seconds = 0.001  # moving average of compute time per sequence
+        self._observed = True  # batches count in stats and metrics (not during warm-up)
 
     @property
     def queue_depth(self) -> int:
@@ -145,6 +146,15 @@ class Batcher:
         self._pending.append(WorkItem(x, states, future, deadline, time.perf_counter(), session))
         self._wakeup.set()
         return future
+
+    @contextlib.contextmanager
+    def unobserved(self) -> Iterator[None]:
+        """Batches run meanwhile (warm-up traffic) stay out of stats and metrics."""
+        self._observed = False
+        try:
+            yield
+        finally:
+            self._observed = True
 
     async def warm_up(self, sequences: Sequence[np.ndarray]) -> None:
         """Run sequences one by one on the worker threads, outside the stats: the threads' first
@@ -285,6 +295,8 @@ class Batcher:
         return batch
 
     def _record(self, batch: list[WorkItem], started: float) -> None:
+        if not self._observed:
+            return
         lengths = [len(item.x) for item in batch]
         padded = self.runner.padded_length(lengths) * len(batch)
         stats = self.stats

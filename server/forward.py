@@ -40,7 +40,7 @@ _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_pre
 # no batch of any model has started for IDLE_BEFORE_SPECULATING seconds: they must not take CPU
 # from the first requests after a model loads.
 _SPECULATOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xla-idle")
-IDLE_BEFORE_SPECULATING = 2.0
+IDLE_BEFORE_SPECULATING = 5.0
 _last_batch = time.monotonic()  # when the latest batch of any model started (or the import)
 
 
