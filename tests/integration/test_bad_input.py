@@ -181,7 +181,7 @@ def test_too_many_sequences_and_timesteps_are_refused(
     serve: Any, zoo_repository: Any, tmp_path: Any
 ) -> None:
     root = zoo.subset(zoo_repository[0], [FLOAT_MODEL], tmp_path / "models")
-    server = serve(model_dir=str(root), max_sequences=4, max_request_timesteps=100)
+    server = serve(model_dir=str(root), max_sequences=4, max_request_timesteps=100, warmup=False)
     with Client(server.target) as client:
         with pytest.raises(grpc.RpcError) as err:
             client.predict(FLOAT_MODEL, [np.ones((2, D))] * 5)

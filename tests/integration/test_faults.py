@@ -74,7 +74,7 @@ def test_a_worker_killed_mid_batch_is_replaced_and_loses_nothing(
     serve: Any, zoo_repository: Any, tmp_path: Path
 ) -> None:
     root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
-    server = serve(model_dir=str(root), max_batch_size=8)
+    server = serve(model_dir=str(root), max_batch_size=8, warmup=False)
     reference = zoo.Reference(zoo_repository[1]["lstm_masked"])
     rng = np.random.default_rng(1)
     xs = [rng.normal(size=(1500, zoo.D)).astype(np.float32) for _ in range(32)]
@@ -103,7 +103,7 @@ def test_expired_and_cancelled_requests_are_never_computed(
     serve: Any, zoo_repository: Any, tmp_path: Path
 ) -> None:
     root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
-    server = serve(model_dir=str(root), max_batch_size=4)
+    server = serve(model_dir=str(root), max_batch_size=4, warmup=False)
     rng = np.random.default_rng(2)
     heavy = [rng.normal(size=(20000, zoo.D)).astype(np.float32) for _ in range(16)]
     marker = rng.normal(size=(77, zoo.D)).astype(np.float32)  # a length nothing else has
@@ -137,7 +137,7 @@ def test_a_full_queue_answers_at_once_and_the_client_retries(
     serve: Any, zoo_repository: Any, tmp_path: Path
 ) -> None:
     root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
-    server = serve(model_dir=str(root), max_queue=4, max_batch_size=2)
+    server = serve(model_dir=str(root), max_queue=4, max_batch_size=2, warmup=False)
     rng = np.random.default_rng(3)
     xs = [rng.normal(size=(300, zoo.D)).astype(np.float32) for _ in range(40)]
 

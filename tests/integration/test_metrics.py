@@ -39,7 +39,7 @@ def test_scraped_metrics_match_the_traffic_exactly(
     broken = root / "broken" / "1"
     broken.mkdir(parents=True)
     (broken / "model.keras").write_bytes(b"not a keras file")
-    server = serve(model_dir=str(root))
+    server = serve(model_dir=str(root), warmup=False)
     rng = np.random.default_rng(0)
     lengths = [(3, 4), (12, 10), (7, 7), (20, 18), (16, 15)]  # close: always one batch
     with Client(server.target) as client:

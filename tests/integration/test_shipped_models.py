@@ -48,7 +48,8 @@ def direct(model: keras.Model) -> Any:
 
 @pytest.fixture(scope="module")
 def shipped() -> Any:
-    with RunningServer(model_dir=str(MODELS)) as server:
+    # No XLA warm-up: what is tested is the answers, not the first request's latency.
+    with RunningServer(model_dir=str(MODELS), warmup=False) as server:
         yield server
 
 
