@@ -25,15 +25,21 @@ CHANNEL_OPTIONS = [
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retry UNAVAILABLE and RESOURCE_EXHAUSTED with jittered exponential backoff, at most
-    `max_attempts` tries and never past the call's timeout."""
+    """Retry UNAVAILABLE, RESOURCE_EXHAUSTED and CANCELLED with jittered exponential backoff, at
+    most `max_attempts` tries and never past the call's timeout. A call this client did not cancel
+    comes back CANCELLED when an overloaded server sheds it before any handler ran (gRPC does so
+    beyond the server's `--max-pending-rpcs`)."""
 
     max_attempts: int = 4
     initial_backoff: float = 0.05
     max_backoff: float = 2.0
     multiplier: float = 2.0
     codes: frozenset[grpc.StatusCode] = frozenset(
-        {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        {
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.CANCELLED,
+        }
     )
 
     def delays(self) -> Iterator[float]:

@@ -96,6 +96,11 @@ class Server:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                # The queue in front of the handlers: when the event loop cannot keep up, calls
+                # wait here, and every call behind them waits too. Bounded, it keeps refusals
+                # (RESOURCE_EXHAUSTED from the handlers) fast; gRPC cancels what is beyond it.
+                ("grpc.server.max_pending_requests", s.max_pending_rpcs),
+                ("grpc.server.max_pending_requests_hard_limit", 4 * s.max_pending_rpcs),
             ],
         )
         pb_grpc.add_InferenceServicer_to_server(self.servicer, server)

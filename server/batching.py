@@ -106,12 +106,17 @@ class Batcher:
     def busy(self) -> bool:
         return bool(self._pending) or self._in_flight > 0
 
+    def check_room(self, count: int) -> None:
+        """RESOURCE_EXHAUSTED unless `count` more sequences fit in the queue now. Called before a
+        request is decoded, so that under overload a refusal costs next to nothing."""
+        if len(self._pending) + count > self.policy.max_queue:
+            self._refuse(count)
+
     def submit_many(
         self, sequences: Sequence[np.ndarray], *, deadline: float | None = None
     ) -> list[asyncio.Future[RowResult]]:
         """Queue several sequences at once: all are taken, or none (RESOURCE_EXHAUSTED)."""
-        if len(self._pending) + len(sequences) > self.policy.max_queue:
-            self._refuse(len(sequences))
+        self.check_room(len(sequences))
         return [self.submit_nowait(x, deadline=deadline) for x in sequences]
 
     def _refuse(self, count: int) -> None:

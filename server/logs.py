@@ -40,3 +40,27 @@ def configure(fmt: str = "text", level: str = "info") -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+class Throttle:
+    """At most one log line per key per `interval` seconds; counts what it held back, so the next
+    line can say so. Under overload every refusal is a non-OK request, and a log line for each
+    would cost the event loop as much as the refusal itself."""
+
+    def __init__(self, interval: float = 1.0, max_keys: int = 1024) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._last: dict[tuple[object, ...], float] = {}
+        self._held: dict[tuple[object, ...], int] = {}
+
+    def allow(self, key: tuple[object, ...], now: float) -> tuple[bool, int]:
+        """(log this one?, how many like it were held back since the last line)"""
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return False, 0
+        if last is None and len(self._last) >= self.max_keys:
+            self._last.clear()  # keys are (method, model, code): this only bounds odd traffic
+            self._held.clear()
+        self._last[key] = now
+        return True, self._held.pop(key, 0)

@@ -18,6 +18,7 @@ import grpc
 
 from rnnserve.server.errors import InvalidInput, ServeError, Unavailable, status_of
 from rnnserve.server.inputs import decode_request
+from rnnserve.server.logs import Throttle
 from rnnserve.server.metrics import UNKNOWN_MODEL, Metrics
 from rnnserve.server.outputs import encode_row, select
 from rnnserve.server.repository import Repository
@@ -38,6 +39,8 @@ _STATE = {
 _DTYPE = {"float32": pb.DATA_TYPE_FLOAT32, "int32": pb.DATA_TYPE_INT32}
 # Outcomes logged at debug level only: the normal ones.
 _QUIET = {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}
+# The others: at most one line a second per (method, model, status).
+_THROTTLE = Throttle()
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -103,27 +106,36 @@ class _Call:
         return self.code, self.message
 
     def done(self) -> None:
-        seconds = time.perf_counter() - self.started
+        ended = time.perf_counter()
+        seconds = ended - self.started
         self.metrics.request(self.model, self.version, self.method, self.code, seconds)
         level = logging.DEBUG if self.code in _QUIET else logging.INFO
-        if log.isEnabledFor(level):
-            log.log(
-                level,
-                "%s %s -> %s in %.1f ms%s",
-                self.method,
-                self.model,
-                self.code.name,
-                seconds * 1000,
-                f": {self.message}" if self.message else "",
-                extra={
-                    "request_id": self.request_id,
-                    "method": self.method,
-                    "model": self.model,
-                    "version": self.version,
-                    "code": self.code.name,
-                    "duration_ms": round(seconds * 1000, 3),
-                },
-            )
+        if not log.isEnabledFor(level):
+            return
+        held = 0
+        if not log.isEnabledFor(logging.DEBUG):  # at debug level every call is logged
+            allowed, held = _THROTTLE.allow((self.method, self.model, self.code), ended)
+            if not allowed:
+                return
+        log.log(
+            level,
+            "%s %s -> %s in %.1f ms%s%s",
+            self.method,
+            self.model,
+            self.code.name,
+            seconds * 1000,
+            f": {self.message}" if self.message else "",
+            f" (and {held} more like it since the last line)" if held else "",
+            extra={
+                "request_id": self.request_id,
+                "method": self.method,
+                "model": self.model,
+                "version": self.version,
+                "code": self.code.name,
+                "duration_ms": round(seconds * 1000, 3),
+                "held_back": held,
+            },
+        )
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -166,6 +178,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async def body(call: _Call) -> pb.PredictResponse:
             model = call.serving(self.repository.resolve(request.model_name, request.model_version))
             selection = select(model, request.output_mode, request.output_names, request.top_k)
+            model.batcher.check_room(len(request.sequences))
             sequences = decode_request(
                 model.inputs,
                 request.sequences,

@@ -47,6 +47,11 @@ class Settings:
     max_sequences: int = _setting(1024, "most sequences in one Predict request")
     max_request_timesteps: int = _setting(1_000_000, "most timesteps in one request, summed")
     max_message_mb: int = _setting(64, "largest gRPC message, in MiB")
+    max_pending_rpcs: int = _setting(
+        128,
+        "calls arrived but not yet taken up by the server; beyond it gRPC sheds new ones "
+        "(more and more up to 4x, then all) so that an overloaded server answers fast",
+    )
     # Sessions.
     session_ttl: float = _setting(600.0, "seconds of idleness before a session is evicted")
     max_sessions: int = _setting(100_000, "most open sessions")
