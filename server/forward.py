@@ -144,6 +144,7 @@ class Forward:
         self._max_rows = max_rows
         self._ready: set[tuple[int, int]] = set()  # buckets XLA has compiled
         self._compiling: set[tuple[int, int]] = set()
+        self._speculative: set[tuple[int, int]] = set()  # waiting for the server to be idle
         self._seen: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
         self._zeros: dict[int, list[Any]] = {}
@@ -211,15 +212,23 @@ class Forward:
 
     def compile_later(self, rows: int, steps: int, *, speculative: bool = False) -> None:
         """Compile the bucket of this shape in the background: soon, or (speculative) once the
-        server is idle."""
+        server is idle. A bucket that traffic makes hot while it waits to be speculated on is
+        compiled soon all the same."""
         key = self.bucket(rows, steps)
         with self._lock:
-            if self.xla and key not in self._ready and key not in self._compiling:
+            if not self.xla or key in self._ready or key in self._compiling:
+                return
+            if speculative:
+                if key in self._speculative:
+                    return
+                self._speculative.add(key)
+            else:
                 self._compiling.add(key)
-                pool = _SPECULATOR if speculative else _COMPILER
-                job = pool.submit(self._compile_quietly, key, speculative)
-                self._queued.add(job)
-                job.add_done_callback(self._queued.discard)
+            job = (_SPECULATOR if speculative else _COMPILER).submit(
+                self._compile_quietly, key, speculative
+            )
+            self._queued.add(job)
+            job.add_done_callback(self._queued.discard)
 
     def close(self) -> None:
         """Drop the background compiles not started yet (the model is unloading)."""
@@ -228,14 +237,18 @@ class Forward:
             job.cancel()
 
     def _compile_quietly(self, key: tuple[int, int], speculative: bool = False) -> None:
+        if speculative:
+            while (idle := time.monotonic() - _last_batch) < IDLE_BEFORE_SPECULATING:
+                if self._closed.wait(IDLE_BEFORE_SPECULATING - idle):
+                    return
+            with self._lock:
+                self._speculative.discard(key)
+                if key in self._ready or key in self._compiling:
+                    return  # compiled meanwhile, or being compiled because traffic needs it
+                self._compiling.add(key)
         try:
-            if speculative:
-                while (idle := time.monotonic() - _last_batch) < IDLE_BEFORE_SPECULATING:
-                    if self._closed.wait(IDLE_BEFORE_SPECULATING - idle):
-                        return
-            if key in self._ready or self._closed.is_set():  # compiled meanwhile, or unloading
-                return
-            self._compile(key)
+            if not self._closed.is_set():
+                self._compile(key)
         except Exception as exc:  # the graph function keeps answering for this bucket
             log.warning("XLA compile of bucket %s failed, staying on the graph: %s", key, exc)
         finally:

@@ -71,14 +71,14 @@ class ModelRunner:
         rows, steps = self.forward.shape_for(count, steps)
         x, lengths = pad_batch(sequences, plan.step_shape, plan.input_dtype, steps, rows)
         initial = None
-        sessions = self.state_sizes and any(s is not None for s in states)
+        sessions = bool(self.state_sizes) and any(s is not None for s in states)
         if sessions:
             initial = [np.zeros((rows, size), np.float32) for size in self.state_sizes]
             for row, row_states in enumerate(states):
                 if row_states is not None:
                     for k, value in enumerate(row_states):
                         initial[k][row] = value
-        out = self.forward(x, lengths, initial, final_states=bool(sessions))
+        out = self.forward(x, lengths, initial, final_states=sessions)
         results = []
         for row, length in enumerate(lengths[:count].tolist()):
             heads = [

@@ -78,3 +78,26 @@ def test_state_passing_chunks_equal_one_whole_run(xla: bool) -> None:
     want_tags, want_label = zoo.Reference(model)(x)
     np.testing.assert_allclose(np.concatenate(tags), want_tags, rtol=0, atol=ATOL)
     np.testing.assert_allclose(last, want_label, rtol=0, atol=ATOL)
+
+
+def test_speculative_compiles_wait_for_idleness_unless_traffic_needs_the_bucket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from rnnserve.server import forward as forward_module
+
+    monkeypatch.setattr(forward_module, "IDLE_BEFORE_SPECULATING", 3600.0)  # never idle here
+    plan = build_plan(zoo.build(zoo.BY_NAME["gru_steps"]))
+    forward = Forward(plan, xla=True)
+    forward.compile_later(1, 100, speculative=True)
+    forward.compile_later(1, 300, speculative=True)
+    time.sleep(0.5)
+    assert forward.shape_for(1, 300) == (1, 300)  # not compiled: the server is never idle
+    for _ in range(forward_module.HOT):  # traffic makes the (1, 128) bucket hot
+        forward.shape_for(1, 100)
+    deadline = time.monotonic() + 60
+    while forward.shape_for(1, 100) != (1, 128) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert forward.shape_for(1, 100) == (1, 128), "a hot bucket waited for idleness"
+    forward.close()  # the (1, 384) speculation is dropped, not left running
