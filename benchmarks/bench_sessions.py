@@ -451,11 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     payload["command"] = " ".join(
         ["python", "benchmarks/bench_sessions.py", *(argv or sys.argv[1:])]
     )
-    text = markdown(payload)
-    print(text)
-    if not args.no_write:
-        paths = common.write_results("sessions", payload, text)
-        log(f"wrote {paths[0]} and {paths[1]}")
+    common.publish("sessions", payload, markdown(payload), write=not args.no_write)
     log(f"done in {payload['wall_seconds']:.0f}s")
     return 0
 

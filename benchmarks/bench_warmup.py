@@ -318,11 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(time.perf_counter() - started, 1),
         "command": " ".join(["python", "benchmarks/bench_warmup.py", *(argv or sys.argv[1:])]),
     }
-    text = markdown(payload)
-    print(text)
-    if not args.no_write:
-        paths = common.write_results("warmup", payload, text)
-        log(f"wrote {paths[0]} and {paths[1]}")
+    common.publish("warmup", payload, markdown(payload), write=not args.no_write)
     log(f"done in {payload['wall_seconds']:.0f}s")
     return 0
 

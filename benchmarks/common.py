@@ -417,12 +417,15 @@ def scrape(port: int) -> dict[str, float]:
     return values
 
 
-def write_results(stem: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    md_path.write_text(markdown)
-    return json_path, md_path
+def publish(stem: str, payload: dict[str, Any], markdown: str, *, write: bool) -> None:
+    """Print the markdown; unless told not to, write `results/<stem>.json` and `.md`."""
+    print(markdown)
+    if write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
+        json_path.write_text(json.dumps(payload, indent=2) + "\n")
+        md_path.write_text(markdown)
+        log(f"wrote {json_path} and {md_path}")
 
 
 def provenance(payload: dict[str, Any]) -> str:

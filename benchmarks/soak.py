@@ -855,11 +855,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     payload["wall_seconds"] = round(time.perf_counter() - started, 1)
     payload["command"] = " ".join(["python", "benchmarks/soak.py", *argv])
-    text = markdown(payload)
-    print(text)
-    if not args.no_write:
-        paths = common.write_results("soak", payload, text)
-        log(f"wrote {paths[0]} and {paths[1]}")
+    common.publish("soak", payload, markdown(payload), write=not args.no_write)
     log(f"done in {payload['wall_seconds']:.0f}s; checks {payload['checks']}")
     return 0
 
