@@ -75,8 +75,8 @@ def _select(model: ServedModel, mode: int, names: Sequence[str], top_k: int) -> 
 
 def _fill(tensor: pb.Tensor, array: np.ndarray) -> None:
     """Write an output array (float32, C order, as the runner makes them) into a Tensor."""
-    if array.dtype != _F32 or not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array, dtype=_F32)
+    if type(array) is not np.ndarray or array.dtype != _F32 or not array.flags.c_contiguous:
+        array = np.array(array, dtype=_F32, order="C")  # (a 0-d output stays 0-d)
     tensor.dtype = pb.DATA_TYPE_FLOAT32
     tensor.shape.extend(array.shape)
     tensor.data = array.tobytes()
