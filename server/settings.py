@@ -48,7 +48,7 @@ class Settings:
     max_request_timesteps: int = _setting(1_000_000, "most timesteps in one request, summed")
     max_message_mb: int = _setting(64, "largest gRPC message, in MiB")
     max_pending_rpcs: int = _setting(
-        128,
+        256,
         "calls arrived but not yet taken up by the server; beyond it gRPC sheds new ones "
         "(more and more up to 4x, then all) so that an overloaded server answers fast",
     )
