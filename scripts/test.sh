@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh dev train
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/hadolint Dockerfile
 .venv/bin/mypy server client
 # pytest exits 5 when it collects no tests; with `set -e` that fails the run, as it should.
