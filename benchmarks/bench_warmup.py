@@ -5,10 +5,15 @@ HTTP/2 connection is made before timing), time the very first `Predict` of one s
 L, then `--count` sequential requests of the same shape (real test sequences of that length) and
 take their p50. Target: first <= 2 x steady p50. Then, after `--pause` seconds of quiet (rnnserve
 compiles the XLA program of a bucket in the background after it was seen 3 times), `--count` more:
-the settled p50. For reference the same is measured on the careful (batch-1 XLA, all compiled up
-front) and echo baselines of `bench_predict.py`. The client is `loadgen.py first`, its own process.
+the settled p50. Last, `--quiet-count` single requests, each after `--quiet-gap` seconds in which
+the (now fully warm) server was idle: the first request also arrives after the server has been quiet
+since it loaded, and on this kind of machine any request after a quiet second is slower than one of
+a back-to-back series (caches and idle CPUs; the bare echo server shows it too). First / after-quiet
+says whether the first request still pays for anything a warm server does not. For reference all of
+it is measured on the careful (batch-1 XLA, all compiled up front) and echo baselines of
+`bench_predict.py`. The client is `loadgen.py first`, its own process.
 
-    python benchmarks/bench_warmup.py                    # ~1.5 minutes
+    python benchmarks/bench_warmup.py                    # ~6 minutes
     python benchmarks/bench_warmup.py --lengths 9 15 26 --count 500
 """
 
@@ -57,6 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pause", type=float, default=3.0, help="quiet seconds before --count settled requests"
     )
     p.add_argument(
+        "--quiet-gap",
+        type=float,
+        default=1.0,
+        help="seconds of server quiet before each after-quiet request (0: skip them)",
+    )
+    p.add_argument("--quiet-count", type=int, default=10, help="after-quiet requests per server")
+    p.add_argument(
         "--no-references",
         dest="references",
         action="store_false",
@@ -99,6 +111,10 @@ def first_requests(
         str(args.count),
         "--pause",
         str(args.pause),
+        "--quiet-gap",
+        str(args.quiet_gap),
+        "--quiet-count",
+        str(args.quiet_count),
     ]
     return common.run_json(argv, log_path, timeout=300)
 
@@ -117,6 +133,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "steady_p50_ms": median("steady_p50_ms"),
         "steady_p99_ms": median("steady_p99_ms"),
         "settled_p50_ms": median("settled_p50_ms"),
+        "after_quiet_p50_ms": median("after_quiet_p50_ms"),
+        "after_quiet_ms_each": [r.get("after_quiet_ms") for r in runs],
         "connect_ms": median("connect_ms"),
         "first_ten_ms": runs[0]["first_ten_ms"],
         "trace_ms": runs[0]["trace_ms"],
@@ -124,6 +142,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["ratio"] = round(out["first_ms"] / out["steady_p50_ms"], 2)
     settled = out["settled_p50_ms"]
     out["ratio_settled"] = round(out["first_ms"] / settled, 2) if settled else None
+    quiet = out["after_quiet_p50_ms"]
+    out["ratio_quiet"] = round(out["first_ms"] / quiet, 2) if quiet else None
     out["met"] = out["ratio"] <= TARGET
     return out
 
@@ -173,7 +193,10 @@ def run(args: argparse.Namespace, work: Path, children: Children) -> dict[str, A
             f"length {length}: first {result['first_ms']:.2f} ms (median of "
             f"{result['first_ms_each']}), next {args.count}: p50 {result['steady_p50_ms']:.2f} ms "
             f"-> {result['ratio']:.2f}x; after {args.pause:g}s quiet: p50 "
-            f"{result['settled_p50_ms']} ms -> {result['ratio_settled']}x; first ten (run 1) "
+            f"{result['settled_p50_ms']} ms -> {result['ratio_settled']}x; after "
+            f"{args.quiet_gap:g}s of server quiet: p50 {result['after_quiet_p50_ms']} ms -> "
+            f"{result['ratio_quiet']}x; "
+            "first ten (run 1) "
             f"{result['first_ten_ms']}"
         )
         rows.append(result)
@@ -187,7 +210,7 @@ def run(args: argparse.Namespace, work: Path, children: Children) -> dict[str, A
             log(
                 f"reference {kind} (length {middle}): first {ref['first_ms']:.2f} ms "
                 f"({ref['first_ms_each']}), next p50 {ref['steady_p50_ms']:.2f} ms -> "
-                f"{ref['ratio']:.2f}x"
+                f"{ref['ratio']:.2f}x; after quiet p50 {ref['after_quiet_p50_ms']} ms"
             )
             references[kind] = ref
     return {"rnnserve": rows, "references": references}
@@ -217,7 +240,10 @@ def markdown(payload: dict[str, Any]) -> str:
         "fresh servers (medians reported; the first request of each in brackets); the HTTP/2 "
         f"connection is made before timing; then {payload['count']} sequential requests of the "
         f"same shape (their p50 is the steady state of the target), then {payload['pause']:g}s "
-        f"of quiet and {payload['count']} more (settled: background compiles done).\n",
+        f"of quiet and {payload['count']} more (settled: background compiles done), then "
+        f"{payload.get('quiet_count', 0)} single requests each after "
+        f"{payload.get('quiet_gap', 0):g}s of server quiet (after quiet: what any request meets "
+        "on a warm server that was idle, as the first one was).\n",
     ]
     lines.append(common.provenance(payload))
     rows = [
@@ -230,6 +256,8 @@ def markdown(payload: dict[str, Any]) -> str:
             "met" if r["met"] else "**not met**",
             r.get("settled_p50_ms", "-"),
             f"{r['ratio_settled']:.2f}x" if r.get("ratio_settled") else "-",
+            r.get("after_quiet_p50_ms") or "-",
+            f"{r['ratio_quiet']:.2f}x" if r.get("ratio_quiet") else "-",
             " ".join(f"{v:.1f}" for v in r["first_ten_ms"]),
         ]
         for r in payload["results"]["rnnserve"]
@@ -245,6 +273,8 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"target <= {TARGET:g}x",
                 "settled p50 ms",
                 "first / settled p50",
+                "after quiet p50 ms",
+                "first / after quiet",
                 "first ten requests (run 1), ms",
             ],
             rows,
@@ -259,7 +289,15 @@ def markdown(payload: dict[str, Any]) -> str:
         )
         lines.append(
             common.md_table(
-                ["server", "length", "first ms", "next p50 ms", "first / p50"],
+                [
+                    "server",
+                    "length",
+                    "first ms",
+                    "next p50 ms",
+                    "first / p50",
+                    "after quiet p50 ms",
+                    "first / after quiet",
+                ],
                 [
                     [
                         {"careful": "(c) careful unbatched", "echo": "(e) gRPC echo"}[k],
@@ -267,6 +305,8 @@ def markdown(payload: dict[str, Any]) -> str:
                         firsts(r),
                         r["steady_p50_ms"],
                         f"{r['ratio']:.2f}x",
+                        r.get("after_quiet_p50_ms") or "-",
+                        f"{r['ratio_quiet']:.2f}x" if r.get("ratio_quiet") else "-",
                     ]
                     for k, r in refs.items()
                 ],
@@ -312,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         "disturbance": disturbance,
         "count": args.count,
         "pause": args.pause,
+        "quiet_gap": args.quiet_gap,
+        "quiet_count": args.quiet_count,
         "repeats": args.repeats,
         "target_ratio": TARGET,
         "results": results,

@@ -389,6 +389,14 @@ async def run_first(args: argparse.Namespace) -> dict[str, Any]:
     if args.pause > 0:
         await asyncio.sleep(args.pause)
         settled = await timed(args.count, args.count + 1)
+    after_quiet: list[float] = []
+    for i in range(args.quiet_count if args.quiet_gap > 0 else 0):
+        # The first request found a server that had been quiet since its warm-up, and a busy
+        # client. The same for a warm server: this client spins (stays hot), the server idles.
+        end = time.perf_counter() + args.quiet_gap
+        while time.perf_counter() < end:
+            pass
+        after_quiet += await timed(1, 2 * args.count + 1 + i)
     await chan.close()
     first, rest = latencies[0], latencies[1:]
     result = {
@@ -406,6 +414,12 @@ async def run_first(args: argparse.Namespace) -> dict[str, Any]:
             pause_seconds=args.pause,
             settled_p50_ms=round(float(np.median(settled)), 3),
             settled_p99_ms=round(float(np.percentile(settled, 99)), 3),
+        )
+    if after_quiet:
+        result.update(
+            quiet_gap_seconds=args.quiet_gap,
+            after_quiet_ms=[round(v, 3) for v in after_quiet],
+            after_quiet_p50_ms=round(float(np.median(after_quiet)), 3),
         )
     return result
 
@@ -622,6 +636,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not warm this client's gRPC stack on a throwaway local server first",
     )
+    p.add_argument(
+        "--quiet-gap",
+        type=float,
+        default=0.0,
+        help="then --quiet-count single requests, each after this many seconds of server quiet",
+    )
+    p.add_argument("--quiet-count", type=int, default=10)
     p.add_argument("--timeout", type=float, default=120.0)
 
     p = sub.add_parser("streams", help="concurrent streaming sessions")
