@@ -47,7 +47,7 @@ class Server:
         )
         self.sessions = SessionService(self.repository, self.store, settings.session_ttl)
         self.servicer = InferenceServicer(self.repository, self.sessions, self.metrics, settings)
-        self.metrics.live(self._queue_depths, lambda: len(self.store))
+        self.metrics.live(self._batchers, lambda: len(self.store))
         self.port = 0
         self.metrics_port = -1
         self._grpc: grpc.aio.Server | None = None
@@ -56,8 +56,17 @@ class Server:
 
     # ---- wiring ----
 
-    def _queue_depths(self) -> list[tuple[str, int, int]]:
-        return [(m.name, m.version, m.batcher.queue_depth) for m in self.repository.served()]
+    def _batchers(self) -> list[tuple[str, int, int, int, int]]:
+        return [
+            (
+                m.name,
+                m.version,
+                m.batcher.queue_depth,
+                m.batcher.stats.dropped,
+                m.batcher.stats.restarts,
+            )
+            for m in self.repository.served()
+        ]
 
     def _session_ended(self, session: Session, reason: str) -> None:
         self.metrics.session_ends.labels(reason).inc()
@@ -123,6 +132,8 @@ class Server:
             raise OSError(f"cannot bind {address}")
         await server.start()
         self._grpc = server
+        if s.session_snapshot:
+            self.sessions.retire_snapshot(Path(s.session_snapshot))
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_bind, s.metrics_port)
         await self.health.set("", _SERVING)
@@ -149,17 +160,24 @@ class Server:
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new work (UNAVAILABLE), finish in-flight work, save sessions, stop."""
         grace = self.settings.grace if grace is None else grace
-        self.servicer.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self.servicer.drain()
         await self.health.enter_graceful_shutdown()
+        # New chunks are refused now; once those in flight are done the states are final. Save
+        # them before waiting for the other calls, so that a kill after the grace period (or a
+        # slow unary call) cannot lose them.
+        if not await self.sessions.quiesce(grace):
+            log.warning("chunks still in flight after %.1f s; saving sessions as they are", grace)
+        if self.settings.session_snapshot:
+            saved = self.sessions.save(Path(self.settings.session_snapshot))
+            log.info("saved %d sessions to %s", saved, self.settings.session_snapshot)
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            await self._grpc.stop(max(deadline - loop.time(), 0.0))
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.settings.session_snapshot:
-            saved = self.sessions.save(Path(self.settings.session_snapshot))
-            log.info("saved %d sessions to %s", saved, self.settings.session_snapshot)
         await self.repository.close()
 
     async def wait(self) -> None:

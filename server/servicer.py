@@ -24,6 +24,7 @@ from rnnserve.server.outputs import encode_row, select
 from rnnserve.server.repository import Repository
 from rnnserve.server.served_model import LoadState, ServedModel
 from rnnserve.server.session_service import SessionService
+from rnnserve.server.sessions import check_session_id
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import inference_pb2 as pb
 from rnnserve.v1 import inference_pb2_grpc as pb_grpc
@@ -151,6 +152,36 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.metrics = metrics
         self.settings = settings
         self.draining = False
+        self._waiting: set[asyncio.Task[Any]] = set()  # streams waiting for their next message
+        self._ended: set[asyncio.Task[Any]] = set()  # of those, the ones ended by drain()
+
+    def drain(self) -> None:
+        """Refuse new work from now on, and end the streams that wait for their next message
+        (UNAVAILABLE; their sessions stay and can be resumed): a stream held open between chunks
+        would otherwise hold up shutdown for the whole grace period."""
+        self.draining = True
+        for task in self._waiting:
+            self._ended.add(task)
+            task.cancel()
+
+    async def _next(self, requests: AsyncIterator[Any], session_id: str) -> Any:
+        """The stream's next message (None at its end), unless the server drains first."""
+        resume = f"; resume session {session_id} later" if session_id else ""
+        if self.draining:
+            raise Unavailable(f"server is shutting down{resume}")
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.add(task)
+        try:
+            return await anext(requests, None)
+        except asyncio.CancelledError:
+            if task not in self._ended:
+                raise
+            task.uncancel()
+            raise Unavailable(f"server is shutting down{resume}") from None
+        finally:
+            self._waiting.discard(task)
+            self._ended.discard(task)
 
     async def _unary(self, method: str, context: grpc.aio.ServicerContext, body: Any) -> Any:
         call = _Call(self.metrics, method, request_id_of(context))
@@ -318,25 +349,29 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         the failed chunk is applied, and the client can resume by id."""
         call = _Call(self.metrics, "Stream", request_id_of(context))
         try:
-            if self.draining:
-                raise Unavailable("server is shutting down; retry on another replica")
-            first = await anext(aiter(requests), None)
+            requests = aiter(requests)
+            first = await self._next(requests, "")
             if first is None or first.WhichOneof("kind") != "open":
                 raise InvalidInput("the first message of a stream must be `open`")
             opening = first.open
             if opening.session_id:
-                session = self.sessions.store.get(opening.session_id)
+                session = self.sessions.store.get(check_session_id(opening.session_id))
                 if opening.model_name and opening.model_name != session.model:
                     raise InvalidInput(
                         f"session {session.id} belongs to model {session.model}, "
                         f"not {opening.model_name}"
+                    )
+                if opening.model_version and opening.model_version != session.version:
+                    raise InvalidInput(
+                        f"session {session.id} is pinned to version {session.version} of "
+                        f"{session.model}, not {opening.model_version}"
                     )
             else:
                 session = self.sessions.open(opening.model_name, opening.model_version)
             call.model, call.version = session.model, session.version
             selection = self.sessions.selection(session, opening.output_mode, opening.top_k)
             yield pb.StreamResponse(opened=self.sessions.info(session))
-            async for message in requests:
+            while (message := await self._next(requests, session.id)) is not None:
                 kind = message.WhichOneof("kind")
                 if kind == "close":
                     yield pb.StreamResponse(closed=self.sessions.close(session.id))
@@ -362,6 +397,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise
         except Exception as exc:
             code, message = call.failed(exc)
-            await context.abort(code, message, trailing_metadata=((REQUEST_ID, call.request_id),))
+            trailer = ((REQUEST_ID, call.request_id), *_retry_hint(exc))
+            await context.abort(code, message, trailing_metadata=trailer)
         finally:
             call.done()

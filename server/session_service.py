@@ -3,6 +3,8 @@ export, import, and the snapshot written on shutdown and read at start."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import struct
@@ -10,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from rnnserve.client.tensors import from_tensor, to_tensor
 from rnnserve.server.errors import FailedPrecondition, InvalidInput, NotFound, ServeError
@@ -34,6 +37,16 @@ class SessionService:
         self.repository = repository
         self.store = store
         self.ttl = ttl
+        self.in_flight = 0  # chunks being computed
+        self._quiet = asyncio.Event()  # set while in_flight == 0
+        self._quiet.set()
+
+    async def quiesce(self, timeout: float) -> bool:
+        """Wait until no chunk is being computed (at most `timeout` seconds): once new chunks are
+        refused, the states are final and can be saved. True if it got there."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._quiet.wait(), max(timeout, 0.0))
+        return not self.in_flight
 
     def unpin(self, session: Session, reason: str) -> None:
         """Store listener: a session ended, so its model version no longer waits for it."""
@@ -109,12 +122,17 @@ class SessionService:
         if selection is None:
             selection = select(model, mode, (), top_k)
         session.busy = True
+        self.in_flight += 1
+        self._quiet.clear()
         try:
             states = session.states(model.plan.state_sizes)
             row = await model.batcher.submit_nowait(x, states, deadline=deadline, session=session)
             session.set_states(row.states)
             session.steps += len(x)
         finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._quiet.set()
             session.busy = False
             session.last_used = self.store.now()
         response = pb.StepResponse(session_id=session.id, steps=session.steps)
@@ -195,16 +213,35 @@ class SessionService:
         return count
 
     def restore(self, path: Path) -> int:
+        """Import the sessions saved in `path`. A damaged file never stops the server: what can
+        be read is restored, and the file is kept aside as `<name>.bad` for a post-mortem."""
         if not path.is_file():
             return 0
         restored = 0
-        for state in _read_states(path.read_bytes()):
-            try:
-                self.import_(state)
-                restored += 1
-            except ServeError as exc:
-                log.warning("session %s not restored: %s", state.session_id, exc)
+        try:
+            for state in _read_states(path.read_bytes()):
+                try:
+                    self.import_(state)
+                    restored += 1
+                except ServeError as exc:
+                    log.warning("session %s not restored: %s", state.session_id, exc)
+        except (OSError, ValueError) as exc:
+            bad = path.with_name(path.name + ".bad")
+            log.error(
+                "session snapshot %s is damaged (%s): restored %d sessions from it, moved it to %s",
+                path,
+                exc,
+                restored,
+                bad,
+            )
+            os.replace(path, bad)
         return restored
+
+    def retire_snapshot(self, path: Path) -> None:
+        """Delete a snapshot once its sessions are restored and served. Were it kept, a crash
+        later would bring back these states, older than what clients have sent since, silently;
+        without it, such sessions are plainly unknown."""
+        path.unlink(missing_ok=True)
 
 
 _LENGTH = struct.Struct("<I")  # snapshot records: 4-byte length, then a SessionState
@@ -213,7 +250,14 @@ _LENGTH = struct.Struct("<I")  # snapshot records: 4-byte length, then a Session
 def _read_states(data: bytes) -> Iterable[pb.SessionState]:
     pos = 0
     while pos < len(data):
+        if pos + _LENGTH.size > len(data):
+            raise ValueError(f"truncated record header at byte {pos}")
         (size,) = _LENGTH.unpack_from(data, pos)
         pos += _LENGTH.size
-        yield pb.SessionState.FromString(data[pos : pos + size])
+        if pos + size > len(data):
+            raise ValueError(f"truncated record at byte {pos}: {size} bytes announced")
+        try:
+            yield pb.SessionState.FromString(data[pos : pos + size])
+        except DecodeError as exc:
+            raise ValueError(f"undecodable record at byte {pos}: {exc}") from None
         pos += size

@@ -41,7 +41,8 @@ class Session:
         return np.split(flat, np.cumsum(sizes)[:-1]) if sizes else []
 
     def set_states(self, states: list[np.ndarray]) -> None:
-        self.state = np.concatenate(states).astype(np.float32, copy=False).tobytes()
+        # A causal model without recurrent layers streams too; it just carries no state.
+        self.state = np.concatenate(states).astype(np.float32).tobytes() if states else b""
 
 
 def new_session_id() -> str:
@@ -103,8 +104,12 @@ class MemorySessionStore:
         self.expire()
         full = len(self._sessions) >= self.max_sessions
         if full and (self.overflow != "evict" or not self._evict_lru()):
+            # Hint: when the least recently used session expires, if nobody uses it before.
+            oldest = next(iter(self._sessions.values()), None)
+            wait = self.ttl - (self.now() - oldest.last_used) if oldest else 1.0
             raise ResourceExhausted(
-                f"too many sessions ({self.max_sessions} open); close idle sessions or retry later"
+                f"too many sessions ({self.max_sessions} open); close idle sessions or retry later",
+                retry_after=min(max(wait, 0.05), 60.0),
             )
         self._ended.pop(session.id, None)
         self._sessions[session.id] = session

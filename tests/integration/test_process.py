@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shlex
 import signal
@@ -23,6 +24,9 @@ import numpy as np
 import pytest
 
 from rnnserve.client import Client, RetryPolicy
+from rnnserve.client.tensors import to_tensor
+from rnnserve.v1 import inference_pb2 as pb
+from rnnserve.v1 import inference_pb2_grpc as pb_grpc
 
 import zoo
 
@@ -92,6 +96,8 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_keeps_sessions(
         with Client(target, retry=NO_RETRY, timeout=120) as client:
             session = client.open_session("lstm_masked")
             client.step(session.session_id, heavy[0][:40])
+            # A stream held open between chunks must not hold up the shutdown.
+            idle = IdleStream(target, "lstm_masked", heavy[1][:30])
             results: list[Any] = []
 
             def send() -> None:
@@ -110,6 +116,9 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_keeps_sessions(
             with pytest.raises(grpc.RpcError) as refused:
                 client.predict("lstm_masked", [heavy[0][:5]])
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            ended = idle.end(timeout=10)
+            assert ended.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"resume session {idle.session_id} later" in (ended.details() or "")
             for t in senders:
                 t.join(120)
         code = process.wait(60)
@@ -119,9 +128,67 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_keeps_sessions(
     for result in results:
         assert not isinstance(result, grpc.RpcError), result
         assert [p.length for p in result] == [3000] * 64
+    assert snapshot.exists()
     with server_process(tmp_path, args) as (_, target), Client(target) as client:
         resumed = client.step(session.session_id, heavy[0][40:50], offset=40)
         assert resumed.total_steps == 50
+        streamed = client.step(idle.session_id, heavy[1][30:35], offset=30)
+        assert streamed.total_steps == 35
+        # Restored and serving: a crash from here on must not bring back these older states.
+        assert not snapshot.exists()
+
+
+class IdleStream:
+    """A `Stream` session that sent one chunk and then waits, as a client between chunks does."""
+
+    def __init__(self, target: str, model: str, chunk: np.ndarray) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.outbox: queue.Queue[pb.StreamRequest | None] = queue.Queue()
+        stub = pb_grpc.InferenceStub(self.channel)
+        self.responses = stub.Stream(iter(self.outbox.get, None), timeout=120)
+        self.outbox.put(pb.StreamRequest(open=pb.StreamOpen(model_name=model)))
+        self.session_id = next(self.responses).opened.session_id
+        self.outbox.put(pb.StreamRequest(chunk=pb.Chunk(data=to_tensor(chunk))))
+        assert next(self.responses).step.steps == len(chunk)
+
+    def end(self, timeout: float) -> grpc.RpcError:
+        """Wait for the server to end the stream; returns its status."""
+        box: list[Any] = []
+        reader = threading.Thread(target=lambda: box.append(self._read_to_end()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        self.outbox.put(None)
+        self.channel.close()
+        assert box, f"the stream was not ended within {timeout} s"
+        assert isinstance(box[0], grpc.RpcError), box[0]
+        return box[0]
+
+    def _read_to_end(self) -> Any:
+        try:
+            return list(self.responses)
+        except grpc.RpcError as err:
+            return err
+
+
+def test_a_damaged_session_snapshot_does_not_stop_the_server(
+    zoo_repository: Any, tmp_path: Path
+) -> None:
+    root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
+    snapshot = tmp_path / "sessions.bin"
+    args = ["--model-dir", str(root), "--metrics-port", "-1", "--session-snapshot", str(snapshot)]
+    with server_process(tmp_path, args) as (process, target):
+        with Client(target, retry=NO_RETRY) as client:
+            ids = [client.open_session("lstm_masked").session_id for _ in range(2)]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    data = snapshot.read_bytes()
+    snapshot.write_bytes(data[: len(data) - 3])  # the second record cut short
+    with server_process(tmp_path, args) as (_, target), Client(target, retry=NO_RETRY) as client:
+        assert client.step(ids[0], np.ones((3, zoo.D), np.float32), offset=0).total_steps == 3
+        with pytest.raises(grpc.RpcError) as lost:
+            client.step(ids[1], np.ones((3, zoo.D), np.float32))
+        assert lost.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (tmp_path / "sessions.bin.bad").read_bytes() == data[: len(data) - 3]
 
 
 def test_health_and_predict_commands(zoo_repository: Any, tmp_path: Path) -> None:

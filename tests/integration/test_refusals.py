@@ -82,6 +82,14 @@ def _cases(
         ("unknown session", lambda: client.step("0123456789abcdef", np.ones((2, D)))),
         ("out-of-order chunk", lambda: client.step(session.session_id, np.ones((2, D)), offset=9)),
         ("bad session id", lambda: client.step("../etc", np.ones((2, D)))),
+        (
+            "bad session id to resume a stream",
+            lambda: client.session("lstm_masked", session_id="../etc"),
+        ),
+        (
+            "resuming a stream at another model version",
+            lambda: client.session("lstm_masked", version=2, session_id=session.session_id),
+        ),
         ("streaming a non-causal model", lambda: client.open_session("bidirectional")),
         (
             "over sessions per server (refuse mode)",

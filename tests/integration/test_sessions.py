@@ -259,3 +259,30 @@ def _scrape(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
+
+
+def test_a_causal_model_without_recurrent_layers_streams_with_no_state(
+    serve: Any, tmp_path: Path
+) -> None:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((None, zoo.D)),
+            keras.layers.Dense(5, activation="tanh"),
+            keras.layers.Dense(3),
+        ]
+    )
+    (tmp_path / "per_step" / "1").mkdir(parents=True)
+    model.save(tmp_path / "per_step" / "1" / "model.keras")
+    server = serve(model_dir=str(tmp_path), warmup=False)
+    x = np.random.default_rng(3).normal(size=(40, zoo.D)).astype(np.float32)
+    with Client(server.target) as client:
+        assert client.metadata("per_step").can_stream
+        with client.session("per_step") as session:
+            results = [session.send(c) for c in (x[:7], x[7:8], x[8:40])]
+    got = _joined(results)[0]
+    want = np.asarray(model(x[None]))[0]
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    assert results[-1].total_steps == 40
