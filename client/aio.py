@@ -89,11 +89,7 @@ class AsyncClient:
                 delay = next(delays, None)
                 delay = None if delay is None else retry_delay(err, delay)
                 left = remaining(deadline)
-                if (
-                    err.code() not in retry.codes
-                    or delay is None
-                    or (left is not None and left <= delay)
-                ):
+                if not retry.allows(err) or delay is None or (left is not None and left <= delay):
                     raise
                 await asyncio.sleep(delay)
 

@@ -28,7 +28,9 @@ class RetryPolicy:
     """Retry UNAVAILABLE, RESOURCE_EXHAUSTED and CANCELLED with jittered exponential backoff, at
     most `max_attempts` tries and never past the call's timeout. A call this client did not cancel
     comes back CANCELLED when an overloaded server sheds it before any handler ran (gRPC does so
-    beyond the server's `--max-pending-rpcs`)."""
+    beyond the server's `--max-pending-rpcs`). RESOURCE_EXHAUSTED is retried only when the server
+    says when to (`retry-after-ms`): without it, the request itself is over a limit (too many
+    sequences or timesteps, too big a message) and would be refused again."""
 
     max_attempts: int = 4
     initial_backoff: float = 0.05
@@ -41,6 +43,12 @@ class RetryPolicy:
             grpc.StatusCode.CANCELLED,
         }
     )
+
+    def allows(self, err: grpc.RpcError) -> bool:
+        code = err.code()
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and _hint(err) is None:
+            return False
+        return code in self.codes
 
     def delays(self) -> Iterator[float]:
         backoff = self.initial_backoff
@@ -76,15 +84,20 @@ class TLS:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
-def retry_delay(err: grpc.RpcError, backoff: float) -> float:
-    """The backoff, or the server's `retry-after-ms` hint when it asks for longer."""
+def _hint(err: grpc.RpcError) -> float | None:
+    """The server's `retry-after-ms` hint, in seconds."""
     for key, value in getattr(err, "trailing_metadata", lambda: None)() or ():
         if key == "retry-after-ms":
             try:
-                return max(backoff, float(value) / 1000.0)
+                return float(value) / 1000.0
             except ValueError:
-                break
-    return backoff
+                return None
+    return None
+
+
+def retry_delay(err: grpc.RpcError, backoff: float) -> float:
+    """The backoff, or the server's `retry-after-ms` hint when it asks for longer."""
+    return max(backoff, _hint(err) or 0.0)
 
 
 def metadata(token: str | None) -> tuple[tuple[str, str], ...]:

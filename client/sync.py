@@ -95,11 +95,7 @@ class Client:
                 delay = next(delays, None)
                 delay = None if delay is None else retry_delay(err, delay)
                 left = remaining(deadline)
-                if (
-                    err.code() not in retry.codes
-                    or delay is None
-                    or (left is not None and left <= delay)
-                ):
+                if not retry.allows(err) or delay is None or (left is not None and left <= delay):
                     raise
                 time.sleep(delay)
 
@@ -218,22 +214,50 @@ class Session:
                 )
             )
         )
-        self._call = client.stub.Stream(
-            iter(self._requests.get, None), timeout=timeout, metadata=client._metadata
-        )
-        self._responses: Iterator[pb.StreamResponse] = iter(self._call)
-        opened = next(self._responses).opened
-        self.info = session_info(opened)
+        # gRPC's request-consumer thread blocks in `get` until the None sentinel comes, even after
+        # the call has ended: every way out of the session puts it (`_end_requests`).
+        self._ended = False
+        self._open = False
+        try:
+            self._call = client.stub.Stream(
+                iter(self._requests.get, None), timeout=timeout, metadata=client._metadata
+            )
+            self._responses: Iterator[pb.StreamResponse] = iter(self._call)
+            opened = next(self._responses).opened
+            self.info = session_info(opened)
+        except BaseException:
+            self._abort()
+            raise
         self.id = opened.session_id
         self.steps = opened.steps
         self._open = True
 
     def send(self, data: ArrayLike) -> StepResult:
-        """Stream one chunk ([T, D] or [T], any T >= 1); returns its outputs."""
+        """Stream one chunk ([T, D] or [T], any T >= 1); returns its outputs. An error after
+        the chunk went out ends the stream (the server has ended it, or it is out of step)."""
         self._requests.put(pb.StreamRequest(chunk=chunk(data, self.steps)))
-        result = step_result(next(self._responses).step)
+        try:
+            result = step_result(next(self._responses).step)
+        except BaseException:
+            self._abort()
+            raise
         self.steps = result.total_steps
         return result
+
+    def _end_requests(self) -> None:
+        """Put the sentinel that ends the request stream and frees gRPC's consumer thread (once)."""
+        if not self._ended:
+            self._ended = True
+            self._requests.put(None)
+
+    def _abort(self) -> None:
+        """Cancel the stream (the session stays on the server) and free the consumer thread."""
+        self._open = False
+        try:
+            if hasattr(self, "_call"):  # not when starting the call itself failed
+                self._call.cancel()
+        finally:
+            self._end_requests()
 
     def close(self) -> None:
         """End the session on the server and the stream."""
@@ -243,13 +267,13 @@ class Session:
             try:
                 next(self._responses)
             finally:
-                self._requests.put(None)
+                self._end_requests()
 
     def detach(self) -> str:
         """End the stream but keep the session on the server; returns its id for resuming."""
         if self._open:
             self._open = False
-            self._requests.put(None)
+            self._end_requests()
             for _ in self._responses:
                 pass
         return self.id
@@ -261,4 +285,4 @@ class Session:
         if exc_type is None:
             self.close()
         else:
-            self._call.cancel()
+            self._abort()

@@ -22,10 +22,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnserve.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from rnnserve.server.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    ResourceExhausted,
+    Unavailable,
+)
 from rnnserve.server.runner import BatchStats, ModelRunner, RowResult
 
 log = logging.getLogger(__name__)
+MAX_CRASHES = 2  # batch workers that may die on one piece of work before it fails
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class WorkItem:
     deadline: float | None  # loop time
     enqueued: float  # perf_counter
     session: object | None = None
+    crashes: int = 0  # batch workers that died while running it
 
 
 @dataclass
@@ -64,6 +71,7 @@ class BatcherStats:
     max_rows: int = 0
     real_timesteps: int = 0
     padded_timesteps: int = 0
+    computed_timesteps: int = 0
     dropped: int = 0
     restarts: int = 0
 
@@ -120,6 +128,11 @@ class Batcher:
         return [self.submit_nowait(x, deadline=deadline) for x in sequences]
 
     def _refuse(self, count: int) -> None:
+        if count > self.policy.max_queue:  # never fits: no retry hint, since waiting cannot help
+            raise ResourceExhausted(
+                f"{count} sequences in one request but the queue of model {self.name} holds "
+                f"{self.policy.max_queue}; split the request"
+            )
         # Hint: about the time the queue ahead takes to drain at the recent pace.
         drain = len(self._pending) * self._row_seconds
         raise ResourceExhausted(
@@ -162,12 +175,18 @@ class Batcher:
             self._observed = True
 
     async def warm_up(self, sequences: Sequence[np.ndarray]) -> None:
-        """Run sequences one by one on the worker threads, outside the stats: the threads' first
-        TensorFlow calls (per-thread setup) happen here instead of in a client's request."""
+        """Run each sequence on the worker threads, outside the stats: the threads' first
+        TensorFlow calls (per-thread setup) happen here instead of in a client's request. The
+        calls of one sequence go out together, so that the pool starts all its threads (one at a
+        time, they would all land on the first)."""
         loop = asyncio.get_running_loop()
         for x in sequences:
-            for _ in range(self.policy.workers):
-                await loop.run_in_executor(self._executor, self.runner.run, [x], [None])
+            await asyncio.gather(
+                *(
+                    loop.run_in_executor(self._executor, self.runner.run, [x], [None])
+                    for _ in range(self.policy.workers)
+                )
+            )
 
     def _start_worker(self, loop: asyncio.AbstractEventLoop) -> None:
         task = loop.create_task(self._work())
@@ -217,17 +236,30 @@ class Batcher:
             self._in_flight += 1
             try:
                 started = time.perf_counter()
+                computed: list[int] = []
                 results = await loop.run_in_executor(
                     self._executor,
                     self.runner.run,
                     [item.x for item in batch],
                     [item.states for item in batch],
+                    computed,
                 )
-                self._record(batch, started)
+                self._record(batch, started, sum(computed))
             except BaseException:
                 # This worker is going away mid-batch: what is unanswered goes back to the front
-                # of the queue for the worker that replaces it.
-                self._pending[:0] = [item for item in batch if not item.future.done()]
+                # of the queue for the worker that replaces it, once. Work that a second worker
+                # dies on fails instead, or a batch that kills every worker would do so forever.
+                unanswered = [item for item in batch if not item.future.done()]
+                for item in unanswered:
+                    item.crashes += 1
+                    if item.crashes >= MAX_CRASHES:
+                        item.future.set_exception(
+                            InferenceFailed(
+                                f"inference failed: {item.crashes} batch workers died running "
+                                "this sequence"
+                            )
+                        )
+                self._pending[:0] = [item for item in unanswered if not item.future.done()]
                 raise
             finally:
                 self._in_flight -= 1
@@ -299,7 +331,7 @@ class Batcher:
         self._pending = [it for it in live if id(it) not in taken] + rest
         return batch
 
-    def _record(self, batch: list[WorkItem], started: float) -> None:
+    def _record(self, batch: list[WorkItem], started: float, computed: int) -> None:
         if not self._observed:
             return
         lengths = [len(item.x) for item in batch]
@@ -310,8 +342,9 @@ class Batcher:
         stats.max_rows = max(stats.max_rows, len(batch))
         stats.real_timesteps += sum(lengths)
         stats.padded_timesteps += padded
+        stats.computed_timesteps += computed
         seconds = time.perf_counter() - started
         self._row_seconds = 0.8 * self._row_seconds + 0.2 * seconds / len(batch)
         if self._observer is not None:
             waits = [started - item.enqueued for item in batch]
-            self._observer(BatchStats(len(batch), sum(lengths), padded, seconds), waits)
+            self._observer(BatchStats(len(batch), sum(lengths), padded, computed, seconds), waits)

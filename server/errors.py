@@ -49,10 +49,6 @@ class AlreadyExists(ServeError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
-class Unauthenticated(ServeError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-
-
 class InferenceFailed(ServeError):
     """The model raised while computing a batch; only that batch's requests see it."""
 

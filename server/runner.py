@@ -7,6 +7,7 @@ and its neighbours still get their answers.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,9 +15,11 @@ import numpy as np
 
 from rnnserve.server.errors import InferenceFailed
 from rnnserve.server.forward import Forward, pad_batch
+from rnnserve.server.logs import Throttle
 from rnnserve.server.plan import Mode
 
 log = logging.getLogger(__name__)
+_TRACEBACKS = Throttle(interval=10.0)
 
 
 @dataclass(slots=True)
@@ -32,7 +35,8 @@ class RowResult:
 class BatchStats:
     rows: int
     real_timesteps: int
-    padded_timesteps: int
+    padded_timesteps: int  # rows x longest: the batch as formed
+    computed_timesteps: int  # what the model ran: padded further to a compiled shape
     seconds: float
 
 
@@ -47,23 +51,47 @@ class ModelRunner:
         self._pad_to = plan.fixed_length if plan.mode is Mode.EQUAL_LENGTH else None
 
     def run(
-        self, sequences: Sequence[np.ndarray], states: Sequence[Sequence[np.ndarray] | None]
+        self,
+        sequences: Sequence[np.ndarray],
+        states: Sequence[Sequence[np.ndarray] | None],
+        cells: list[int] | None = None,
     ) -> list[RowResult | Exception]:
-        """Results in the order given; an exception in place of a row that could not run."""
+        """Results in the order given; an exception in place of a row that could not run. The
+        rows x timesteps of every shape the model ran (padding to compiled shapes included) are
+        appended to `cells`."""
         try:
-            return list(self._run(sequences, states))
+            return list(self._run(sequences, states, cells))
         except Exception as exc:
             if len(sequences) == 1:
-                log.warning("inference failed for one sequence: %s", exc)
-                return [InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}")]
+                # TensorFlow's message names graph nodes, source files and lines: it goes to the
+                # log (a traceback at most every 10 s per kind), the client gets only its kind.
+                allowed, held = _TRACEBACKS.allow((type(exc).__name__,), time.monotonic())
+                if allowed:
+                    log.warning(
+                        "inference failed for one sequence of %d steps%s",
+                        len(sequences[0]),
+                        f" (and {held} more like it since the last traceback)" if held else "",
+                        exc_info=exc,
+                    )
+                return [
+                    InferenceFailed(
+                        f"inference failed for this sequence ({type(exc).__name__}); "
+                        "the server log has the details"
+                    )
+                ]
         half = len(sequences) // 2
-        return self.run(sequences[:half], states[:half]) + self.run(sequences[half:], states[half:])
+        return self.run(sequences[:half], states[:half], cells) + self.run(
+            sequences[half:], states[half:], cells
+        )
 
     def padded_length(self, lengths: Sequence[int]) -> int:
         return max(max(lengths), self._pad_to or 0)
 
     def _run(
-        self, sequences: Sequence[np.ndarray], states: Sequence[Sequence[np.ndarray] | None]
+        self,
+        sequences: Sequence[np.ndarray],
+        states: Sequence[Sequence[np.ndarray] | None],
+        cells: list[int] | None,
     ) -> list[RowResult]:
         plan = self.forward.plan
         count = len(sequences)
@@ -79,6 +107,8 @@ class ModelRunner:
                     for k, value in enumerate(row_states):
                         initial[k][row] = value
         out = self.forward(x, lengths, initial, final_states=sessions)
+        if cells is not None:
+            cells.append(rows * steps)
         results = []
         for row, length in enumerate(lengths[:count].tolist()):
             heads = [

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from rnnserve.server.batching import Batcher, BatchPolicy
-from rnnserve.server.errors import DeadlineExceeded, ResourceExhausted
+from rnnserve.server.batching import MAX_CRASHES, Batcher, BatchPolicy
+from rnnserve.server.errors import DeadlineExceeded, InferenceFailed, ResourceExhausted
 from rnnserve.server.runner import RowResult
 
 
@@ -24,7 +24,12 @@ class RecordingRunner:
         if not hold_first:
             self.release.set()
 
-    def run(self, sequences: Sequence[np.ndarray], states: Sequence[object]) -> list[RowResult]:
+    def run(
+        self,
+        sequences: Sequence[np.ndarray],
+        states: Sequence[object],
+        cells: list[int] | None = None,
+    ) -> list[RowResult]:
         self.started.set()
         self.release.wait(10)
         self.batches.append([len(x) for x in sequences])
@@ -122,9 +127,13 @@ def test_full_queue_refuses_at_once_and_submit_many_is_all_or_nothing() -> None:
         first = batcher.submit_nowait(seq(1))
         await asyncio.to_thread(runner.started.wait, 5)
         queued = batcher.submit_many([seq(2), seq(2)])
-        with pytest.raises(ResourceExhausted, match=r"queue of model .* is full"):
+        with pytest.raises(ResourceExhausted, match=r"queue of model .* is full") as full:
             batcher.submit_many([seq(2), seq(2)])
-        assert batcher.queue_depth == 2  # nothing of the refused request was queued
+        assert full.value.retry_after  # waiting helps: the client is told how long
+        with pytest.raises(ResourceExhausted, match=r"holds 3; split the request") as never:
+            batcher.submit_many([seq(2)] * 4)
+        assert never.value.retry_after is None  # waiting cannot help
+        assert batcher.queue_depth == 2  # nothing of the refused requests was queued
         queued.append(batcher.submit_nowait(seq(2)))
         with pytest.raises(ResourceExhausted):
             batcher.submit_nowait(seq(2))
@@ -190,3 +199,32 @@ def test_equal_lengths_only_policy() -> None:
 
     asyncio.run(main())
     assert runner.batches[1:] == [[5, 5], [6, 6], [7]]
+
+
+class CrashingRunner(RecordingRunner):
+    """Kills the batch worker that runs a sequence of length 13 (a bug outside the runner's own
+    error handling); answers the others."""
+
+    def run(
+        self,
+        sequences: Sequence[np.ndarray],
+        states: Sequence[object],
+        cells: list[int] | None = None,
+    ) -> list[RowResult]:
+        if any(len(x) == 13 for x in sequences):
+            raise RuntimeError("worker killed")
+        return super().run(sequences, states, cells)
+
+
+def test_work_that_kills_every_worker_fails_and_the_rest_is_served() -> None:
+    runner = CrashingRunner()
+    batcher = Batcher(runner, BatchPolicy())  # type: ignore[arg-type]
+
+    async def main() -> None:
+        with pytest.raises(InferenceFailed, match="2 batch workers died"):
+            await asyncio.wait_for(batcher.submit_nowait(seq(13)), 10)
+        assert batcher.stats.restarts == MAX_CRASHES
+        assert int((await batcher.submit_nowait(seq(5))).heads[0][0]) == 5  # still serving
+        await batcher.close()
+
+    asyncio.run(main())
