@@ -1,7 +1,9 @@
 """Prometheus metrics, on their own registry and HTTP port.
 
 Padding efficiency is one PromQL ratio:
-`rate(rnnserve_real_timesteps_total[5m]) / rate(rnnserve_padded_timesteps_total[5m])`.
+`rate(rnnserve_real_timesteps_total[5m]) / rate(rnnserve_padded_timesteps_total[5m])` for the
+batches as formed, and over `rnnserve_computed_timesteps_total` for what the model ran (XLA pads
+each batch further, to a compiled bucket shape).
 Queue depth and open sessions are read at scrape time, so the request path pays nothing for them;
 per-request and per-batch series are plain tallies kept by the event loop (`tallies.py`).
 """
@@ -19,7 +21,7 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from rnnserve.server.runner import BatchStats
@@ -33,23 +35,37 @@ disable_created_metrics()  # the *_created series only add noise to every counte
 
 
 class _Live(Collector):
-    """Gauges computed when Prometheus scrapes."""
+    """Series read from the batchers and the session store when Prometheus scrapes."""
 
     def __init__(
         self,
-        queue_depths: Callable[[], Iterable[tuple[str, int, int]]],
+        batchers: Callable[[], Iterable[tuple[str, int, int, int, int]]],
         sessions: Callable[[], int],
     ) -> None:
-        self._queue_depths = queue_depths
+        self._batchers = batchers  # (model, version, queue depth, dropped, worker restarts)
         self._sessions = sessions
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["model", "version"]
         depth = GaugeMetricFamily(
-            "rnnserve_queue_depth", "Sequences waiting to be batched", labels=["model", "version"]
+            "rnnserve_queue_depth", "Sequences waiting to be batched", labels=labels
         )
-        for name, version, value in self._queue_depths():
-            depth.add_metric([name, str(version)], value)
-        yield depth
+        dropped = CounterMetricFamily(
+            "rnnserve_dropped_sequences",
+            "Sequences dropped before compute: their deadline passed or their client gave up",
+            labels=labels,
+        )
+        restarts = CounterMetricFamily(
+            "rnnserve_worker_restarts",
+            "Batch workers that died (their batch was requeued) and were replaced",
+            labels=labels,
+        )
+        for name, version, queued, dropped_count, restart_count in self._batchers():
+            key = [name, str(version)]
+            depth.add_metric(key, queued)
+            dropped.add_metric(key, dropped_count)
+            restarts.add_metric(key, restart_count)
+        yield from (depth, dropped, restarts)
         yield GaugeMetricFamily("rnnserve_sessions_active", "Open sessions", value=self._sessions())
 
 
@@ -95,7 +111,12 @@ class Metrics:
         )
         self.padded_timesteps = CounterTally(
             "rnnserve_padded_timesteps",
-            "Timesteps computed including padding",
+            "Timesteps of batches as formed, padding included (rows x longest)",
+            ("model", "version"),
+        )
+        self.computed_timesteps = CounterTally(
+            "rnnserve_computed_timesteps",
+            "Timesteps the model ran, padding to compiled (XLA) shapes included",
             ("model", "version"),
         )
         r.register(
@@ -109,6 +130,7 @@ class Metrics:
                     self.batch_cells,
                     self.real_timesteps,
                     self.padded_timesteps,
+                    self.computed_timesteps,
                 ]
             )
         )
@@ -141,10 +163,10 @@ class Metrics:
 
     def live(
         self,
-        queue_depths: Callable[[], Iterable[tuple[str, int, int]]],
+        batchers: Callable[[], Iterable[tuple[str, int, int, int, int]]],
         sessions: Callable[[], int],
     ) -> None:
-        self.registry.register(_Live(queue_depths, sessions))
+        self.registry.register(_Live(batchers, sessions))
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server in a daemon thread; returns the bound port."""
@@ -170,7 +192,7 @@ class Metrics:
         labels = (model, str(version))
         queue, compute = self.queue_seconds, self.compute_seconds
         rows, cells = self.batch_rows, self.batch_cells
-        real, padded = self.real_timesteps, self.padded_timesteps
+        real, padded, computed = self.real_timesteps, self.padded_timesteps, self.computed_timesteps
 
         def observe(stats: BatchStats, waits: Sequence[float]) -> None:
             queue.observe_many(labels, waits)
@@ -179,6 +201,7 @@ class Metrics:
             cells.observe(labels, stats.padded_timesteps)
             real.inc(labels, stats.real_timesteps)
             padded.inc(labels, stats.padded_timesteps)
+            computed.inc(labels, stats.computed_timesteps)
 
         return observe
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,6 +13,7 @@ from typing import Any, TypeVar
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from rnnserve.server.app import Server
 from rnnserve.server.settings import Settings
@@ -66,6 +68,16 @@ class RunningServer:
 
     def batcher_stats(self, model: str) -> Any:
         return self.call(lambda: self.server.repository.resolve(model).batcher.stats)
+
+    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample on /metrics: (name, sorted labels) -> value."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
 
 @pytest.fixture

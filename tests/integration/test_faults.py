@@ -94,6 +94,8 @@ def test_a_worker_killed_mid_batch_is_replaced_and_loses_nothing(
     server.call(lambda: [t.cancel() for t in batcher._tasks])
     sender.join(180)
     assert batcher.stats.restarts == 1
+    lstm = (("model", "lstm_masked"), ("version", "1"))
+    assert server.scrape()[("rnnserve_worker_restarts_total", lstm)] == 1
     assert len(results) == len(xs)
     for x, p in zip(xs[:4], results, strict=False):
         np.testing.assert_allclose(p.output.sequence, reference(x)[0], atol=1e-5, rtol=0)
@@ -126,6 +128,8 @@ def test_expired_and_cancelled_requests_are_never_computed(
     assert doomed.cancelled()
     stats = server.batcher_stats("lstm_masked")
     assert stats.dropped == 2
+    lstm = (("model", "lstm_masked"), ("version", "1"))
+    assert server.scrape()[("rnnserve_dropped_sequences_total", lstm)] == 2
     assert stats.real_timesteps == 16 * 20000  # the two short ones never ran
     assert (
         server.call(lambda: server.server.repository.resolve("lstm_masked").batcher.queue_depth)

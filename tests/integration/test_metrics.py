@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from rnnserve.client import Client
+from rnnserve.server.forward import bucket_length, bucket_rows
 
 import zoo
-
-
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
 
 
 def value(samples: dict[Any, float], name: str, **labels: str) -> float:
@@ -60,7 +50,7 @@ def test_scraped_metrics_match_the_traffic_exactly(
             client.step(info.session_id, rng.normal(size=(6, 1)))
         client.close_session(info.session_id)
 
-    m = scrape(server.metrics_url)
+    m = server.scrape()
     requests = "rnnserve_requests_total"
     lstm = {"model": "lstm_masked", "version": "1"}
     gru = {"model": "gru_steps", "version": "1"}
@@ -84,6 +74,10 @@ def test_scraped_metrics_match_the_traffic_exactly(
     assert value(m, "rnnserve_batch_size_count", **lstm) == 5
     assert value(m, "rnnserve_batch_size_sum", **lstm) == 10
     assert value(m, "rnnserve_batch_padded_timesteps_sum", **lstm) == padded
+    # What the model ran: each batch as formed, or its XLA bucket once that is compiled.
+    shapes = [(2 * max(ab), bucket_rows(2, 64) * bucket_length(max(ab))) for ab in lengths]
+    computed = value(m, "rnnserve_computed_timesteps_total", **lstm)
+    assert computed in {sum(choice) for choice in itertools.product(*shapes)}
     assert value(m, "rnnserve_queue_wait_seconds_count", **lstm) == 10
     assert value(m, "rnnserve_batch_compute_seconds_count", **lstm) == 5
     assert value(m, "rnnserve_real_timesteps_total", **gru) == 5 + 1 + 8 + 3 + 6
