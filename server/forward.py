@@ -13,6 +13,7 @@ function answers until it is ready, so no request waits for a compiler.
 from __future__ import annotations
 
 import bisect
+import collections
 import concurrent.futures
 import logging
 import threading
@@ -41,6 +42,8 @@ _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_pre
 # from the first requests after a model loads.
 _SPECULATOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xla-idle")
 IDLE_BEFORE_SPECULATING = 5.0
+# Graph traces kept per EQUAL_LENGTH model, one per sequence length (least recently used dropped).
+MAX_TRACES = 64
 _last_batch = time.monotonic()  # when the latest batch of any model started (or the import)
 
 
@@ -123,12 +126,17 @@ def _per_step(layer: Any, value: Any) -> tf.Tensor:
 class Forward:
     """Runs a `Plan` on padded numpy batches."""
 
-    def __init__(self, plan: Plan, *, xla: bool = True, max_rows: int = 64) -> None:
+    def __init__(
+        self, plan: Plan, *, xla: bool = True, max_rows: int = 64, max_traces: int = MAX_TRACES
+    ) -> None:
         self.plan = plan
         self._dtype = tf.dtypes.as_dtype(plan.input_dtype)
         state_specs = tuple(tf.TensorSpec([None, size], tf.float32) for size in plan.state_sizes)
         self._signature = (tf.TensorSpec([None], tf.int32), state_specs)
-        self._traced: dict[int, Any] = {}  # EQUAL_LENGTH: one trace per sequence length
+        # EQUAL_LENGTH: one trace per sequence length, least recently used first (see _for_length)
+        self._traced: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self._traced_lock = threading.Lock()
+        self._max_traces = max_traces
         self.stepped = [o.per_step or plan.mode is Mode.CAUSAL for o in plan.outputs]
         self.xla = xla and plan.mode is not Mode.EQUAL_LENGTH
         if plan.mode is not Mode.EQUAL_LENGTH:
@@ -265,11 +273,23 @@ class Forward:
     def _for_length(self, length: int) -> Any:
         # Unproven models get a static time dimension: some Keras layers (TimeDistributed among
         # them) compute wrong shapes when time is unknown while tracing.
-        fn = self._traced.get(length)
-        if fn is None:
-            x_spec = tf.TensorSpec([None, length, *self.plan.step_shape], self._dtype)
-            fn = tf.function(self._run_model).get_concrete_function(x_spec, *self._signature)
+        # Each trace is a whole graph and a model may see every length up to max_length, so only
+        # the most recently used `max_traces` are kept; a dropped length is traced again if it
+        # comes back. The batcher's worker threads call this concurrently: the lock keeps the
+        # OrderedDict consistent; tracing runs outside it (two threads may trace the same length
+        # at once, and the last one is kept).
+        with self._traced_lock:
+            fn = self._traced.get(length)
+            if fn is not None:
+                self._traced.move_to_end(length)
+                return fn
+        x_spec = tf.TensorSpec([None, length, *self.plan.step_shape], self._dtype)
+        fn = tf.function(self._run_model).get_concrete_function(x_spec, *self._signature)
+        with self._traced_lock:
             self._traced[length] = fn
+            self._traced.move_to_end(length)
+            while len(self._traced) > self._max_traces:
+                self._traced.popitem(last=False)
         return fn
 
     def _run_model(

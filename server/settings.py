@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,9 +148,3 @@ def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None =
         elif f.name in file_values:
             values[f.name] = _coerce(f, file_values[f.name], str(config_path))
     return Settings(**values)
-
-
-def from_args(argv: Sequence[str]) -> Settings:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return load(vars(parser.parse_args(list(argv))))
