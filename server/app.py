@@ -132,8 +132,6 @@ class Server:
             raise OSError(f"cannot bind {address}")
         await server.start()
         self._grpc = server
-        if s.session_snapshot:
-            self.sessions.retire_snapshot(Path(s.session_snapshot))
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_bind, s.metrics_port)
         await self.health.set("", _SERVING)
@@ -142,6 +140,8 @@ class Server:
         self._tasks.append(loop.create_task(self._expire_sessions()))
         if s.poll_interval > 0:
             self._tasks.append(loop.create_task(self.repository.watch(s.poll_interval)))
+        if s.session_snapshot:  # last: a start that fails before here keeps the file
+            self.sessions.retire_snapshot(Path(s.session_snapshot))
         log.info(
             "serving %s on %s:%d (metrics %s)",
             ", ".join(sorted({m.name for m in self.repository.served()})) or "no models",
@@ -169,6 +169,7 @@ class Server:
         # slow unary call) cannot lose them.
         if not await self.sessions.quiesce(grace):
             log.warning("chunks still in flight after %.1f s; saving sessions as they are", grace)
+        self.sessions.freeze()  # from here no chunk is applied, so the snapshot stays true
         if self.settings.session_snapshot:
             saved = self.sessions.save(Path(self.settings.session_snapshot))
             log.info("saved %d sessions to %s", saved, self.settings.session_snapshot)

@@ -15,7 +15,13 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from rnnserve.client.tensors import from_tensor, to_tensor
-from rnnserve.server.errors import FailedPrecondition, InvalidInput, NotFound, ServeError
+from rnnserve.server.errors import (
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    ServeError,
+    Unavailable,
+)
 from rnnserve.server.inputs import decode_sequence
 from rnnserve.server.outputs import Selection, encode_row, select
 from rnnserve.server.repository import Repository
@@ -38,8 +44,13 @@ class SessionService:
         self.store = store
         self.ttl = ttl
         self.in_flight = 0  # chunks being computed
+        self.frozen = False  # shutting down, sessions saved: no chunk may change them any more
         self._quiet = asyncio.Event()  # set while in_flight == 0
         self._quiet.set()
+
+    def freeze(self) -> None:
+        """Apply no chunk from now on: one still computing gets UNAVAILABLE when it comes back."""
+        self.frozen = True
 
     async def quiesce(self, timeout: float) -> bool:
         """Wait until no chunk is being computed (at most `timeout` seconds): once new chunks are
@@ -127,6 +138,11 @@ class SessionService:
         try:
             states = session.states(model.plan.state_sizes)
             row = await model.batcher.submit_nowait(x, states, deadline=deadline, session=session)
+            if self.frozen:
+                raise Unavailable(
+                    f"server is shutting down; this chunk was not applied, resume session "
+                    f"{session.id} later"
+                )
             session.set_states(row.states)
             session.steps += len(x)
         finally:

@@ -109,7 +109,7 @@ class MemorySessionStore:
             wait = self.ttl - (self.now() - oldest.last_used) if oldest else 1.0
             raise ResourceExhausted(
                 f"too many sessions ({self.max_sessions} open); close idle sessions or retry later",
-                retry_after=min(max(wait, 0.05), 60.0),
+                retry_after=min(max(wait, 0.05), 5.0),
             )
         self._ended.pop(session.id, None)
         self._sessions[session.id] = session

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 import time
 import zlib
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from rnnserve.client import AsyncClient, Client, StepResult
 
 import zoo
+from conftest import RunningServer
 
 CAUSAL = [a for a in zoo.ARCHITECTURES if a.causal]
 STEPS = 2000
@@ -286,3 +288,36 @@ def test_a_causal_model_without_recurrent_layers_streams_with_no_state(
     want = np.asarray(model(x[None]))[0]
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
     assert results[-1].total_steps == 40
+
+
+def test_a_restart_that_fails_keeps_the_snapshot(
+    serve: Any, zoo_repository: Any, tmp_path: Path
+) -> None:
+    root = zoo.subset(zoo_repository[0], ["gru_steps"], tmp_path / "models")
+    snapshot = tmp_path / "sessions.bin"
+    server = serve(model_dir=str(root), session_snapshot=str(snapshot), warmup=False)
+    with Client(server.target) as client:
+        session = client.open_session("gru_steps")
+        client.step(session.session_id, np.ones((4, zoo.D), np.float32))
+    server.stop()
+    saved = snapshot.read_bytes()
+    with socket.socket() as taken:  # the metrics port is busy (the old process still has it)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        failing = RunningServer(
+            model_dir=str(root),
+            session_snapshot=str(snapshot),
+            warmup=False,
+            metrics_port=taken.getsockname()[1],
+        )
+        with pytest.raises(OSError, match="in use"):
+            failing.__enter__()
+        # Not `stop()`: it would save the sessions again. Close what the failed start opened.
+        failing.run(failing.server._grpc.stop(None))  # type: ignore[union-attr]
+        failing.loop.call_soon_threadsafe(failing.loop.stop)
+    assert snapshot.read_bytes() == saved  # nothing was served: the sessions are still there
+    server = serve(model_dir=str(root), session_snapshot=str(snapshot), warmup=False)
+    assert not snapshot.exists()  # restored and serving: retired
+    with Client(server.target) as client:
+        step = client.step(session.session_id, np.ones((2, zoo.D), np.float32), offset=4)
+        assert step.total_steps == 6
