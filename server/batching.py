@@ -245,12 +245,15 @@ class Batcher:
                     computed,
                 )
                 self._record(batch, started, sum(computed))
-            except BaseException:
+            except BaseException as exc:
                 # This worker is going away mid-batch: what is unanswered goes back to the front
-                # of the queue for the worker that replaces it, once. Work that a second worker
-                # dies on fails instead, or a batch that kills every worker would do so forever.
+                # of the queue for the worker that replaces it. If the work itself killed it, each
+                # item runs alone from then on, and one that kills a worker again fails (or a
+                # sequence that kills every worker would do so forever, with its neighbours).
                 unanswered = [item for item in batch if not item.future.done()]
                 for item in unanswered:
+                    if isinstance(exc, asyncio.CancelledError):
+                        continue  # stopped from outside: not the work's fault
                     item.crashes += 1
                     if item.crashes >= MAX_CRASHES:
                         item.future.set_exception(
@@ -305,7 +308,9 @@ class Batcher:
         anchor = live[0]
         length = len(anchor.x)
         policy = self.policy
-        if policy.equal_lengths_only:
+        if anchor.crashes:
+            candidates = []  # a worker died running it: alone, so only it can fail
+        elif policy.equal_lengths_only:
             candidates = [it for it in live[1:] if len(it.x) == length]
         else:
             candidates = sorted(live[1:], key=lambda it: abs(len(it.x) - length))
@@ -315,6 +320,8 @@ class Batcher:
         for item in candidates:
             if len(batch) >= policy.max_batch_size:
                 break
+            if item.crashes:
+                continue
             padded = max(longest, len(item.x))
             if padded * (len(batch) + 1) > policy.max_batch_timesteps:
                 continue

@@ -205,12 +205,15 @@ class CrashingRunner(RecordingRunner):
     """Kills the batch worker that runs a sequence of length 13 (a bug outside the runner's own
     error handling); answers the others."""
 
+    attempts: list[list[int]]
+
     def run(
         self,
         sequences: Sequence[np.ndarray],
         states: Sequence[object],
         cells: list[int] | None = None,
     ) -> list[RowResult]:
+        self.attempts.append(sorted(len(x) for x in sequences))
         if any(len(x) == 13 for x in sequences):
             raise RuntimeError("worker killed")
         return super().run(sequences, states, cells)
@@ -218,6 +221,7 @@ class CrashingRunner(RecordingRunner):
 
 def test_work_that_kills_every_worker_fails_and_the_rest_is_served() -> None:
     runner = CrashingRunner()
+    runner.attempts = []
     batcher = Batcher(runner, BatchPolicy())  # type: ignore[arg-type]
 
     async def main() -> None:
@@ -225,6 +229,18 @@ def test_work_that_kills_every_worker_fails_and_the_rest_is_served() -> None:
             await asyncio.wait_for(batcher.submit_nowait(seq(13)), 10)
         assert batcher.stats.restarts == MAX_CRASHES
         assert int((await batcher.submit_nowait(seq(5))).heads[0][0]) == 5  # still serving
+        # Batched with the killer, its neighbours die with it once, then run alone and succeed.
+        runner.release.clear()
+        runner.started.clear()
+        blocker = batcher.submit_nowait(seq(1))
+        await asyncio.to_thread(runner.started.wait, 5)
+        killer, *innocent = [batcher.submit_nowait(seq(n)) for n in (13, 12, 14)]
+        runner.release.set()
+        await blocker
+        with pytest.raises(InferenceFailed):
+            await asyncio.wait_for(killer, 10)
+        assert [int(r.heads[0][0]) for r in await asyncio.gather(*innocent)] == [12, 14]
+        assert [12, 13, 14] in runner.attempts  # they did share the batch the killer broke
         await batcher.close()
 
     asyncio.run(main())
