@@ -456,10 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model {args.model}: {source}; servers {args.servers}; concurrency {args.concurrency}")
     log("note: the load generator and the servers share this machine's cores")
     started = time.perf_counter()
-    machine = common.machine()
-    disturbance = common.busy_others()
-    if disturbance:
-        log(f"other busy processes (they disturb the figures): {disturbance}")
+    machine, disturbance = common.survey()
     with common.workdir(args.keep_workdir) as work, Children(work) as children:
         log(f"work dir {work}")
         try:

@@ -418,10 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model {args.model}: {source}")
     log("note: the load generator and the server share this machine's cores")
     started = time.perf_counter()
-    machine = common.machine()
-    disturbance = common.busy_others()
-    if disturbance:
-        log(f"other busy processes (they disturb the figures): {disturbance}")
+    machine, disturbance = common.survey()
     payload: dict[str, Any] = {
         "benchmark": "sessions",
         "model": args.model,

@@ -330,10 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     source = "shipped" if args.version_dir == shipped.resolve() else f"stand-in {args.version_dir}"
     log(f"model {args.model}: {source}")
     started = time.perf_counter()
-    machine = common.machine()
-    disturbance = common.busy_others()
-    if disturbance:
-        log(f"other busy processes (they disturb the figures): {disturbance}")
+    machine, disturbance = common.survey()
     with common.workdir(args.keep_workdir) as work, Children(work) as children:
         log(f"work dir {work}")
         try:

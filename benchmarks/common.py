@@ -376,6 +376,16 @@ def model_mtime(version_dir: Path) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
 
 
+def survey() -> tuple[dict[str, Any], list[str]]:
+    """Every driver's start: the machine's facts, and the other processes busy now (logged, and
+    kept with the results, since they disturb the figures)."""
+    facts = machine()
+    disturbance = busy_others()
+    if disturbance:
+        log(f"other busy processes (they disturb the figures): {disturbance}")
+    return facts, disturbance
+
+
 def busy_others(exclude: Sequence[int] = ()) -> list[str]:
     """Other processes using CPU right now (anything that disturbs the measurement)."""
     import psutil

@@ -822,10 +822,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     log("note: the load generator and the server share this machine's cores")
     started = time.perf_counter()
-    machine = common.machine()
-    disturbance = common.busy_others()
-    if disturbance:
-        log(f"other busy processes (they disturb the figures): {disturbance}")
+    machine, disturbance = common.survey()
     payload: dict[str, Any] = {
         "benchmark": "soak",
         "model": MODEL,
