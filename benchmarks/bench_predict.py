@@ -6,6 +6,8 @@ Servers (each its own process on 127.0.0.1, measured one after another):
   (b) naive         `model.predict(x[None])` per request
   (c) careful       rnnserve's compiled `Forward` (XLA) at batch 1, one call per request
   (e) echo          gRPC only: a prebuilt response of the same size (the transport limit)
+  (f) frontdoor     diagnostic: rnnserve itself with its batcher answering from a cache of its
+                    real answers by length (rnnserve's request path without batching or compute)
 
 and (d) the compute limit: `Forward` on padded batches of 64 test sequences, in process.
 
@@ -32,12 +34,13 @@ from typing import Any
 import common
 from common import PYTHON, Children, log
 
-SERVERS = ("rnnserve", "careful", "naive", "echo")
+SERVERS = ("rnnserve", "careful", "naive", "echo", "frontdoor")
 LABELS = {
     "rnnserve": "(a) rnnserve",
     "naive": "(b) naive model.predict",
     "careful": "(c) careful unbatched (Forward, XLA, batch 1)",
     "echo": "(e) gRPC echo (transport limit)",
+    "frontdoor": "(f) rnnserve front door only (answers cached: no batching, no compute)",
 }
 TARGETS = {"vs_limit": 0.70, "vs_careful": 4.0, "p50_gap_ms": 1.0}
 
@@ -102,6 +105,10 @@ def start_server(
     if kind == "rnnserve":
         repo = common.make_repo(work / "repo", args.model, version_dir)
         argv = common.rnnserve_argv(repo, port, *args.rnnserve_arg)
+    elif kind == "frontdoor":
+        repo = common.make_repo(work / "repo-frontdoor", args.model, version_dir)
+        _, *serve = common.rnnserve_argv(repo, port, *args.rnnserve_arg)
+        argv = [PYTHON, baselines, "frontdoor", *serve]
     elif kind in ("naive", "careful"):
         argv = [
             PYTHON,
@@ -330,6 +337,11 @@ def ratios(results: dict[str, Any], levels: list[int]) -> dict[str, Any]:
         out["rnnserve_vs_limit"] = round(a / min(limits), 3)
     if a and careful:
         out["rnnserve_vs_careful"] = round(a / careful, 2)
+    front = rps("frontdoor", top)
+    if front and a:
+        out["rnnserve_vs_frontdoor"] = round(a / front, 3)
+    if front and echo:
+        out["frontdoor_vs_echo"] = round(front / echo, 3)
     a1 = servers.get("rnnserve", {}).get("levels", {}).get(low)
     c1 = servers.get("careful", {}).get("levels", {}).get(low)
     if a1 and c1:
@@ -433,6 +445,18 @@ def markdown(payload: dict[str, Any]) -> str:
             f"- p50 at concurrency {r['p50_gap_ms_at_concurrency']}, rnnserve minus "
             f"careful: **{r['p50_gap_ms']:+.3f} ms** (target <= {t['p50_gap_ms']:g} ms: "
             f"{verdict('p50_gap_ms')})"
+        )
+    if "rnnserve_vs_frontdoor" in r:
+        lines.append(
+            f"- rnnserve / its own front door with answers cached, at concurrency "
+            f"{r['at_concurrency']}: **{r['rnnserve_vs_frontdoor']:.2f}** (the rest of the "
+            "distance is what batching and the model cost)"
+        )
+    if "frontdoor_vs_echo" in r:
+        lines.append(
+            f"- front door with answers cached / echo at concurrency {r['at_concurrency']}: "
+            f"**{r['frontdoor_vs_echo']:.2f}** (rnnserve's request path on top of gRPC, with no "
+            "batching and no compute: a ceiling for (a))"
         )
     if payload.get("disturbance"):
         lines.append(f"- other processes busy at start: {'; '.join(payload['disturbance'])}")
