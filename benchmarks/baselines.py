@@ -13,9 +13,10 @@ Each runs as its own process on 127.0.0.1 (grpc.aio, the generated servicer base
 * ``frontdoor`` — a diagnostic, not a competitor: `rnnserve serve` itself (same process setup,
   handlers, decoding, validation, metrics and encoding), except that its batcher answers each
   sequence with an answer rnnserve computed earlier for a sequence of the same length (the
-  first of each length is computed for real), so responses have the real sizes. What rnnserve's own request path costs without batching or compute; the
-  distance from (a) to it is what the batcher and the model cost, from it to echo what
-  rnnserve's handler costs on top of gRPC.
+  first of each length is computed for real), so responses have the real sizes. What
+  rnnserve's own request path costs without batching or compute: the distance from rnnserve to
+  it is what the batcher and the model cost, from it to echo what rnnserve's handler costs on
+  top of gRPC.
 * ``compute`` — not a server: the model's in-process batched throughput through rnnserve's
   `Forward` (XLA, every bucket compiled first) on padded batches of B sequences drawn from the
   given test split. Prints JSON.

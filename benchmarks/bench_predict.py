@@ -92,6 +92,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--start-timeout", type=float, default=180.0)
     p.add_argument("--keep-workdir", action="store_true", help="keep logs and temp files")
     p.add_argument("--no-write", action="store_true", help="do not write benchmarks/results")
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="write predict.json/.md here instead of benchmarks/results (the CI smoke test)",
+    )
     return p.parse_args(argv)
 
 
@@ -516,7 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(time.perf_counter() - started, 1),
         "command": " ".join(["python", "benchmarks/bench_predict.py", *(argv or sys.argv[1:])]),
     }
-    common.publish("predict", payload, markdown(payload), write=not args.no_write)
+    common.publish(
+        "predict", payload, markdown(payload), write=not args.no_write, directory=args.results_dir
+    )
     log(f"done in {payload['wall_seconds']:.0f}s")
     return 0
 

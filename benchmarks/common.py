@@ -427,12 +427,21 @@ def scrape(port: int) -> dict[str, float]:
     return values
 
 
-def publish(stem: str, payload: dict[str, Any], markdown: str, *, write: bool) -> None:
-    """Print the markdown; unless told not to, write `results/<stem>.json` and `.md`."""
+def publish(
+    stem: str,
+    payload: dict[str, Any],
+    markdown: str,
+    *,
+    write: bool,
+    directory: Path | None = None,
+) -> None:
+    """Print the markdown; unless told not to, write `<directory>/<stem>.json` and `.md`
+    (by default in benchmarks/results)."""
     print(markdown)
     if write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
+        directory = directory or RESULTS
+        directory.mkdir(parents=True, exist_ok=True)
+        json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
         json_path.write_text(json.dumps(payload, indent=2) + "\n")
         md_path.write_text(markdown)
         log(f"wrote {json_path} and {md_path}")
