@@ -120,12 +120,13 @@ class _Call:
                 return
         log.log(
             level,
-            "%s %s -> %s in %.1f ms%s%s",
+            "%s %s -> %s in %.1f ms%s [request %s]%s",
             self.method,
             self.model,
             self.code.name,
             seconds * 1000,
             f": {self.message}" if self.message else "",
+            self.request_id,
             f" (and {held} more like it since the last line)" if held else "",
             extra={
                 "request_id": self.request_id,
@@ -348,6 +349,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """One stream is one session. An error ends the stream but never the session: nothing of
         the failed chunk is applied, and the client can resume by id."""
         call = _Call(self.metrics, "Stream", request_id_of(context))
+        context.set_trailing_metadata(((REQUEST_ID, call.request_id),))  # as unary calls do
         try:
             requests = aiter(requests)
             first = await self._next(requests, "")
