@@ -1,0 +1,148 @@
+"""Sessions under misuse: a second chunk (or a close) while one is in flight, streams that break
+the protocol, resuming under the wrong model, importing bad states. Each gets a clear status, and
+the session is left as it was: nothing of a refused chunk is applied."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from rnnserve.client import AsyncClient, Client
+from rnnserve.client.tensors import to_tensor
+from rnnserve.v1 import inference_pb2 as pb
+from rnnserve.v1 import inference_pb2_grpc as pb_grpc
+
+import zoo
+
+MODEL = "gru_steps"
+
+
+def _x(length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(length, zoo.D)).astype(np.float32)
+
+
+def _wait_for(server: Any, check: Any, what: str, within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
+    while not server.call(check):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_a_second_chunk_or_a_close_while_one_is_in_flight_is_refused(
+    zoo_repository: tuple[Path, dict[str, Any]], serve: Any, tmp_path: Path
+) -> None:
+    root, models = zoo_repository
+    server = serve(model_dir=str(zoo.subset(root, [MODEL], tmp_path / "repo")), warmup=False)
+    batcher = server.call(lambda: server.server.repository.resolve(MODEL).batcher)
+    first, second = _x(30, 1), _x(5, 2)
+
+    async def main() -> tuple[Any, ...]:
+        async with AsyncClient(server.target, timeout=120) as client:
+            info = await client.open_session(MODEL)
+            # Occupy the model, so that the session's chunk waits in the queue behind it.
+            heavy = asyncio.ensure_future(client.predict(MODEL, [_x(4000, 3)] * 16))
+            await asyncio.to_thread(_wait_for, server, lambda: batcher._in_flight > 0, "busy")
+            step = asyncio.ensure_future(client.step(info.session_id, first))
+            await asyncio.to_thread(_wait_for, server, lambda: batcher.queue_depth > 0, "queued")
+            refusals = []
+            for call in (
+                client.step(info.session_id, second),
+                client.close_session(info.session_id),
+            ):
+                with pytest.raises(grpc.RpcError) as refused:
+                    await call
+                refusals.append(refused.value)
+            done = await step
+            await heavy
+            after = await client.step(info.session_id, second)
+            return refusals, done, after
+
+    refusals, done, after = asyncio.run(main())
+    for refused in refusals:
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "busy" in refused.details()
+    assert done.total_steps == 30
+    assert after.total_steps == 35  # the refused chunk was not applied
+    reference = zoo.Reference(models[MODEL])
+    want = reference(np.concatenate([first, second]))[0]
+    np.testing.assert_allclose(after.output.steps, want[30:], rtol=0, atol=1e-5)
+
+
+def _stream(target: str, messages: list[pb.StreamRequest]) -> tuple[list[str], grpc.RpcError]:
+    kinds: list[str] = []
+
+    def read(call: Any) -> None:
+        for response in call:
+            kinds.append(str(response.WhichOneof("kind")))
+
+    with grpc.insecure_channel(target) as channel:
+        call = pb_grpc.InferenceStub(channel).Stream(iter(messages), timeout=60)
+        with pytest.raises(grpc.RpcError) as failed:
+            read(call)
+    return kinds, failed.value
+
+
+def test_streams_that_break_the_protocol_get_invalid_argument(zoo_server: Any) -> None:
+    chunk = pb.StreamRequest(chunk=pb.Chunk(data=to_tensor(_x(3))))
+    kinds, failed = _stream(zoo_server.target, [chunk])
+    assert kinds == []
+    assert failed.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "first message of a stream must be `open`" in failed.details()
+
+    opening = pb.StreamRequest(open=pb.StreamOpen(model_name=MODEL))
+    kinds, failed = _stream(zoo_server.target, [opening, opening])
+    assert kinds == ["opened"]
+    assert failed.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "expected a chunk or close message, got open" in failed.details()
+
+
+def test_resuming_a_session_under_another_model_is_refused_and_keeps_it(zoo_server: Any) -> None:
+    with Client(zoo_server.target, timeout=60) as client:
+        info = client.open_session(MODEL)
+        client.step(info.session_id, _x(4))
+        wrong = pb.StreamRequest(
+            open=pb.StreamOpen(session_id=info.session_id, model_name="lstm_masked")
+        )
+        kinds, failed = _stream(zoo_server.target, [wrong])
+        assert kinds == []
+        assert failed.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"belongs to model {MODEL}" in failed.details()
+        # The session is untouched and goes on.
+        assert client.step(info.session_id, _x(2)).total_steps == 6
+        client.close_session(info.session_id)
+
+
+def test_importing_a_bad_state_is_refused(zoo_server: Any) -> None:
+    with Client(zoo_server.target, timeout=60) as client:
+        info = client.open_session(MODEL)
+        client.step(info.session_id, _x(4))
+        good = client.export_session(info.session_id, remove=True)
+        cases = {
+            "names its model version": lambda s: s.ClearField("model_version"),
+            "negative steps": lambda s: setattr(s, "steps", -1),
+            "NaN or Inf": lambda s: s.states[0].CopyFrom(
+                to_tensor(np.full(len(np.frombuffer(s.states[0].data, np.float32)), np.nan))
+            ),
+            "needs state tensors of sizes": lambda s: s.states[0].CopyFrom(
+                to_tensor(np.zeros(3, np.float32))
+            ),
+        }
+        for phrase, damage in cases.items():
+            state = pb.SessionState()
+            state.CopyFrom(good)
+            damage(state)
+            with pytest.raises(grpc.RpcError) as refused:
+                client.import_session(state)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, phrase
+            assert phrase in refused.value.details()
+        # The undamaged state still imports and continues from where it was.
+        restored = client.import_session(good)
+        assert restored.steps == 4
+        assert client.step(restored.session_id, _x(1)).total_steps == 5
+        client.close_session(restored.session_id)
