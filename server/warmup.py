@@ -3,10 +3,11 @@
 Loading a model compiles and runs its forward pass, but the first gRPC request a server answers
 still pays for first calls everywhere else: gRPC's own call path, the servicer, decoding, the
 batcher, encoding, and Python's adaptive interpreter, which specializes code only after it has run
-a few times. Measured on the shipped model, the first client request took 4.5 to 10 times
-the steady-state latency (over several runs). So before the real port opens, each model answers a few `Predict` calls
-through a throwaway gRPC server on a Unix socket in a private temporary directory (reachable by
-this user only, never over the network), with its own metrics, outside the batch statistics.
+a few times. Measured on the shipped model, the first client request took 4.5 to 10 times the
+steady-state latency (over several runs). So before the real port opens, each model answers a few
+`Predict` calls through a throwaway gRPC server on a Unix socket in a private temporary directory
+(reachable by this user only, never over the network), with its own metrics, outside the batch
+statistics.
 """
 
 from __future__ import annotations
