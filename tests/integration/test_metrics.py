@@ -19,7 +19,12 @@ import zoo
 
 
 def value(samples: dict[Any, float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sample with exactly these labels; a missing series fails (it is not a zero)."""
+    key = (name, tuple(sorted(labels.items())))
+    if key not in samples:
+        present = sorted(str(dict(lbl)) for n, lbl in samples if n == name)
+        pytest.fail(f"no series {name}{labels}; {name} has {present or 'no series at all'}")
+    return samples[key]
 
 
 def test_scraped_metrics_match_the_traffic_exactly(

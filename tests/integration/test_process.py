@@ -33,6 +33,7 @@ import zoo
 ROOT = Path(__file__).resolve().parents[2]
 RNNSERVE = str(Path(sys.executable).parent / "rnnserve")
 NO_RETRY = RetryPolicy(max_attempts=1)
+CLI_TIMEOUT = 120  # seconds for one CLI command (it imports TensorFlow for some)
 
 
 def free_port() -> int:
@@ -201,13 +202,23 @@ def test_health_and_predict_commands(zoo_repository: Any, tmp_path: Path) -> Non
         target,
     ):
         ok = subprocess.run(
-            [RNNSERVE, "health", "--target", target], capture_output=True, text=True
+            [RNNSERVE, "health", "--target", target],
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
         )
         assert ok.returncode == 0, ok.stderr
         assert ok.stdout.strip() == "SERVING"
         model = [RNNSERVE, "health", "--target", target, "--model"]
-        assert subprocess.run([*model, "lstm_masked"], capture_output=True).returncode == 0
-        missing = subprocess.run([*model, "nope"], capture_output=True, text=True)
+        assert (
+            subprocess.run(
+                [*model, "lstm_masked"], capture_output=True, timeout=CLI_TIMEOUT
+            ).returncode
+            == 0
+        )
+        missing = subprocess.run(
+            [*model, "nope"], capture_output=True, text=True, timeout=CLI_TIMEOUT
+        )
         assert missing.returncode == 1
         assert "NOT_FOUND" in missing.stderr
         out = subprocess.run(
@@ -225,6 +236,7 @@ def test_health_and_predict_commands(zoo_repository: Any, tmp_path: Path) -> Non
             capture_output=True,
             text=True,
             check=True,
+            timeout=CLI_TIMEOUT,
         )
         rows = [json.loads(line) for line in out.stdout.splitlines()]
         assert [r["length"] for r in rows] == [11, 4]
@@ -232,7 +244,10 @@ def test_health_and_predict_commands(zoo_repository: Any, tmp_path: Path) -> Non
         want = zoo.Reference(zoo_repository[1]["lstm_masked"])(seq)[0]
         np.testing.assert_allclose(rows[0]["label"]["sequence"], want, atol=1e-5, rtol=0)
     down = subprocess.run(
-        [RNNSERVE, "health", "--target", target, "--timeout", "2"], capture_output=True, text=True
+        [RNNSERVE, "health", "--target", target, "--timeout", "2"],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
     )
     assert down.returncode == 1
     assert "unhealthy" in down.stderr
@@ -267,7 +282,9 @@ def test_dockerfile_entrypoint_and_healthcheck_run_outside_docker(tmp_path: Path
     command = [RNNSERVE if c == "rnnserve" else c for c in entrypoint]
     with server_process(tmp_path, [], env=env, command=command) as (process, _):
         check = [RNNSERVE if c == "rnnserve" else c for c in health]
-        result = subprocess.run(check, env={**os.environ, **env}, capture_output=True, text=True)
+        result = subprocess.run(
+            check, env={**os.environ, **env}, capture_output=True, text=True, timeout=CLI_TIMEOUT
+        )
         assert result.returncode == 0, result.stderr
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
@@ -290,6 +307,7 @@ def test_wheel_carries_every_package(tmp_path: Path) -> None:
         ],
         check=True,
         capture_output=True,
+        timeout=300,
     )
     (wheel,) = tmp_path.glob("rnnserve-*.whl")
     import zipfile

@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -40,9 +40,27 @@ def _f32(shape: tuple[int, ...], fill: float = 1.0) -> pb.Tensor:
     return to_tensor(np.full(shape, fill, np.float32))
 
 
-def _cases(
-    client: Client, target: str, pki: dict[str, tuple[str, str]], mtls: str
-) -> list[tuple[str, Callable[[], Any]]]:
+class Case(NamedTuple):
+    """One bad input: what the server must answer (status, and a phrase of the message that
+    names what was expected), and the call that sends it."""
+
+    name: str
+    code: grpc.StatusCode
+    phrase: str
+    call: Callable[[], Any]
+
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+FEATURES = f"expected float32 features of shape [T, {D}] with 1 <= T <= 60"
+BAD_ID = "is invalid; expected 1-128 characters of letters, digits and . _ : -"
+BEARER = "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
+
+
+def _cases(client: Client, target: str, pki: dict[str, tuple[str, str]], mtls: str) -> list[Case]:
     stub = client.stub
     session = client.open_session("lstm_masked")
     client.step(session.session_id, np.ones((4, D)), offset=0)
@@ -50,55 +68,176 @@ def _cases(
     auth = (("authorization", f"Bearer {TOKEN}"),)
     wrong_size = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[3, D], data=b"\0" * 7)
     return [
-        ("malformed protobuf", lambda: raw(b"\xff\xff\xff\xff", timeout=10, metadata=auth)),
-        (
+        Case(
+            "malformed protobuf",
+            INVALID,
+            "do not parse as the request of rnnserve.v1.Inference/Predict",
+            lambda: raw(b"\xff\xff\xff\xff", timeout=10, metadata=auth),
+        ),
+        Case(
             "wrong dtype (int32 features)",
+            INVALID,
+            f"{FEATURES}, got dtype int32",
             lambda: _predict(stub, to_tensor(np.ones((4, D), np.int32))),
         ),
-        ("wrong rank ([2, 4, 6])", lambda: _predict(stub, _f32((2, 4, D)))),
-        ("wrong feature dim ([4, 5])", lambda: _predict(stub, _f32((4, D - 1)))),
-        ("NaN", lambda: _predict(stub, _f32((4, D), np.nan))),
-        ("Inf", lambda: _predict(stub, _f32((4, D), np.inf))),
-        ("empty sequence ([0, 6])", lambda: _predict(stub, _f32((0, D)))),
-        ("no sequences", lambda: _predict(stub)),
-        ("payload size not matching the shape", lambda: _predict(stub, wrong_size)),
-        (
+        Case(
+            "wrong rank ([2, 4, 6])",
+            INVALID,
+            f"{FEATURES}, got shape [2, 4, {D}]",
+            lambda: _predict(stub, _f32((2, 4, D))),
+        ),
+        Case(
+            "wrong feature dim ([4, 5])",
+            INVALID,
+            f"{FEATURES}, got shape [4, {D - 1}]",
+            lambda: _predict(stub, _f32((4, D - 1))),
+        ),
+        Case(
+            "NaN",
+            INVALID,
+            "NaN or Inf at timestep 0; features must be finite",
+            lambda: _predict(stub, _f32((4, D), np.nan)),
+        ),
+        Case(
+            "Inf",
+            INVALID,
+            "NaN or Inf at timestep 0; features must be finite",
+            lambda: _predict(stub, _f32((4, D), np.inf)),
+        ),
+        Case(
+            "empty sequence ([0, 6])",
+            INVALID,
+            f"empty sequence; {FEATURES}",
+            lambda: _predict(stub, _f32((0, D))),
+        ),
+        Case(
+            "no sequences",
+            INVALID,
+            "no sequences in the request; expected one or more float32 features",
+            lambda: _predict(stub),
+        ),
+        Case(
+            "payload size not matching the shape",
+            INVALID,
+            f"shape [3, {D}] of float32 needs {3 * D * 4} bytes, payload has 7",
+            lambda: _predict(stub, wrong_size),
+        ),
+        Case(
             "token id outside the vocabulary",
+            INVALID,
+            f"token ids must be in [0, {zoo.VOCAB}), got values from 1 to 99",
             lambda: _predict(
                 stub, to_tensor(np.array([1, 99], np.int32)), model="embedding_masked"
             ),
         ),
-        ("over the model's max length", lambda: _predict(stub, _f32((61, D)))),
-        ("over sequences per request (9 > 8)", lambda: _predict(stub, *[_f32((2, D))] * 9)),
-        ("over timesteps per request (2 x 50 > 80)", lambda: _predict(stub, *[_f32((50, D))] * 2)),
-        ("over the message size (2 MiB > 1 MiB)", lambda: _predict(stub, _f32((9000, 60)))),
-        ("unknown model", lambda: _predict(stub, _f32((2, D)), model="nope")),
-        ("unknown version", lambda: _predict(stub, _f32((2, D)), model_version=9)),
-        ("unknown output name", lambda: _predict(stub, _f32((2, D)), output_names=["nope"])),
-        (
+        Case(
+            "over the model's max length",
+            INVALID,
+            "61 timesteps, longer than model lstm_masked's maximum 60",
+            lambda: _predict(stub, _f32((61, D))),
+        ),
+        Case(
+            "over sequences per request (9 > 8)",
+            EXHAUSTED,
+            "9 sequences in one request; the limit is 8",
+            lambda: _predict(stub, *[_f32((2, D))] * 9),
+        ),
+        Case(
+            "over timesteps per request (2 x 50 > 80)",
+            EXHAUSTED,
+            "100 timesteps in one request; the limit is 80",
+            lambda: _predict(stub, *[_f32((50, D))] * 2),
+        ),
+        Case(
+            "over the message size (2 MiB > 1 MiB)",
+            EXHAUSTED,
+            "larger than max",
+            lambda: _predict(stub, _f32((9000, 60))),
+        ),
+        Case(
+            "unknown model",
+            NOT_FOUND,
+            "model 'nope' is not served; models served: bidirectional, embedding_masked, "
+            "lstm_masked",
+            lambda: _predict(stub, _f32((2, D)), model="nope"),
+        ),
+        Case(
+            "unknown version",
+            NOT_FOUND,
+            "has no version 9 ready; ready versions: 1",
+            lambda: _predict(stub, _f32((2, D)), model_version=9),
+        ),
+        Case(
+            "unknown output name",
+            INVALID,
+            "has no output 'nope'; its outputs are label",
+            lambda: _predict(stub, _f32((2, D)), output_names=["nope"]),
+        ),
+        Case(
             "per-step output of a non-causal many-to-one model",
+            INVALID,
+            "is one per sequence and the model is not causal",
             lambda: _predict(stub, _f32((2, D)), model="bidirectional", output_mode=2),
         ),
-        ("unknown session", lambda: client.step("0123456789abcdef", np.ones((2, D)))),
-        ("out-of-order chunk", lambda: client.step(session.session_id, np.ones((2, D)), offset=9)),
-        ("bad session id", lambda: client.step("../etc", np.ones((2, D)))),
-        (
+        Case(
+            "unknown session",
+            NOT_FOUND,
+            "session 0123456789abcdef not found",
+            lambda: client.step("0123456789abcdef", np.ones((2, D))),
+        ),
+        Case(
+            "out-of-order chunk",
+            PRECONDITION,
+            "it starts at offset 9 but the session has consumed 4 timesteps",
+            lambda: client.step(session.session_id, np.ones((2, D)), offset=9),
+        ),
+        Case(
+            "bad session id",
+            INVALID,
+            BAD_ID,
+            lambda: client.step("../etc", np.ones((2, D))),
+        ),
+        Case(
             "bad session id to resume a stream",
+            INVALID,
+            BAD_ID,
             lambda: client.session("lstm_masked", session_id="../etc"),
         ),
-        (
+        Case(
             "resuming a stream at another model version",
+            INVALID,
+            "is pinned to version 1 of lstm_masked, not 2",
             lambda: client.session("lstm_masked", version=2, session_id=session.session_id),
         ),
-        ("streaming a non-causal model", lambda: client.open_session("bidirectional")),
-        (
+        Case(
+            "streaming a non-causal model",
+            PRECONDITION,
+            "model bidirectional version 1 cannot stream: not causal",
+            lambda: client.open_session("bidirectional"),
+        ),
+        Case(
             "over sessions per server (refuse mode)",
+            EXHAUSTED,
+            "too many sessions (2 open)",
             lambda: [client.open_session("lstm_masked") for _ in range(3)],
         ),
-        ("bad token", lambda: Client(target, token="wrong", retry=NO_RETRY).list_models()),
-        ("no token", lambda: Client(target, retry=NO_RETRY).list_models()),
-        (
+        Case(
+            "bad token",
+            UNAUTHENTICATED,
+            BEARER,
+            lambda: Client(target, token="wrong", retry=NO_RETRY).list_models(),
+        ),
+        Case(
+            "no token",
+            UNAUTHENTICATED,
+            BEARER,
+            lambda: Client(target, retry=NO_RETRY).list_models(),
+        ),
+        Case(
+            # The TLS handshake fails, so the client's transport says it: no server message.
             "no client certificate (mutual TLS)",
+            grpc.StatusCode.UNAVAILABLE,
+            "failed to connect to all addresses",
             lambda: Client(mtls, tls=TLS(ca=pki["ca"][0]), retry=NO_RETRY).list_models(timeout=5),
         ),
     ]
@@ -145,21 +284,20 @@ def test_every_refusal_is_documented(serve: Any, zoo_repository: Any, tmp_path: 
         warmup=False,
     )
     rows = []
+    wrong = []
     with Client(server.target, token=TOKEN, retry=NO_RETRY) as client:
-        for case, call in _cases(client, server.target, pki, mtls.target):
+        for case in _cases(client, server.target, pki, mtls.target):
             with pytest.raises(grpc.RpcError) as err:
-                call()
-            rows.append((case, err.value.code().name, err.value.details() or ""))
+                case.call()
+            code, message = err.value.code(), err.value.details() or ""
+            rows.append((case.name, code.name, message))
+            if code != case.code or case.phrase not in message:
+                wrong.append(
+                    f"{case.name}: expected {case.code.name} with {case.phrase!r}, "
+                    f"got {code.name}: {message!r}"
+                )
         assert client.health()  # and the server is still up
-    assert all(code != "OK" for _, code, _ in rows)
-    assert {code for _, code, _ in rows} >= {
-        "INVALID_ARGUMENT",
-        "NOT_FOUND",
-        "FAILED_PRECONDITION",
-        "RESOURCE_EXHAUSTED",
-        "UNAUTHENTICATED",
-        "UNAVAILABLE",
-    }
+    assert not wrong, "\n".join(wrong)
     table = _table(rows)
     text = README.read_text()
     before, rest = text.split(START, 1)

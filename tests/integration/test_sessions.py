@@ -236,8 +236,10 @@ def test_export_and_import_move_a_session(zoo_server: Any, zoo_repository: Any) 
         first = client.step(info.session_id, x[:70])
         state = client.export_session(info.session_id, remove=True)
         assert state.steps == 70
-        with pytest.raises(grpc.RpcError):
+        with pytest.raises(grpc.RpcError) as err:
             client.step(info.session_id, x[70:])  # removed from this server
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert f"session {info.session_id} was closed" in (err.value.details() or "")
         moved = client.import_session(state)
         assert moved.session_id == info.session_id
         assert moved.steps == 70

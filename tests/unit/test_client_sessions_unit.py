@@ -95,4 +95,5 @@ def test_session_releases_request_thread(
         for _ in range(5):
             path(client)
         assert client.health()
-    assert _settles_to(before) == before
+    # Other tests' threads may end meanwhile (the count is process-wide): none may be added.
+    assert _settles_to(before) <= before

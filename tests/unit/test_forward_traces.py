@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rnnserve.server.forward import MAX_TRACES, Forward, pad_batch
+from rnnserve.server.forward import Forward, pad_batch
 from rnnserve.server.plan import Mode, build_plan
 
 import zoo
@@ -18,7 +18,6 @@ def test_equal_length_traces_are_a_bounded_lru() -> None:
     model = zoo.build(arch)
     plan = build_plan(model)
     assert plan.mode is Mode.EQUAL_LENGTH
-    assert MAX_TRACES == 64
     cap = 3
     forward = Forward(plan, max_traces=cap)
     assert forward.xla is False

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from rnnserve.client.tensors import to_tensor
@@ -65,13 +66,9 @@ def tensors(draw: st.DrawFn) -> tuple[pb.Tensor, np.ndarray | None]:
     return tensor, array
 
 
-@settings(max_examples=300, deadline=None)
-@given(tensors())
-def test_decoder_accepts_exactly_the_valid_sequences(
-    case: tuple[pb.Tensor, np.ndarray | None],
-) -> None:
-    tensor, array = case
-    valid = (
+def _valid(array: np.ndarray | None) -> bool:
+    """What `_SPEC` accepts: float features of shape (T, 3), 1 <= T <= 20, all finite."""
+    return (
         array is not None
         and array.dtype.kind == "f"
         and array.ndim == 2
@@ -79,14 +76,37 @@ def test_decoder_accepts_exactly_the_valid_sequences(
         and 1 <= array.shape[0] <= 20
         and bool(np.isfinite(array).all())
     )
-    if not valid:
-        with pytest.raises(InvalidInput, match=r"^sequence 0: "):
-            decode_sequence(_SPEC, tensor, "sequence 0")
-        return
-    got = decode_sequence(_SPEC, tensor, "sequence 0")
-    assert array is not None
+
+
+@settings(max_examples=300, deadline=None)
+@given(tensors())
+def test_decoder_refuses_the_invalid_sequences(
+    case: tuple[pb.Tensor, np.ndarray | None],
+) -> None:
+    tensor, array = case
+    assume(not _valid(array))  # valid ones are all but absent here; see the next test
+    with pytest.raises(InvalidInput, match=r"^sequence 0: "):
+        decode_sequence(_SPEC, tensor, "sequence 0")
+
+
+@st.composite
+def valid_arrays(draw: st.DrawFn) -> np.ndarray:
+    """Arrays `_SPEC` must accept: any float dtype, (T, 3) with 1 <= T <= 20, finite values that
+    float32 holds exactly (so decoding must be lossless)."""
+    dtype = draw(st.sampled_from([np.float32, np.float64, np.float16]))
+    width = 16 if dtype is np.float16 else 32
+    elements = st.floats(width=width, allow_nan=False, allow_infinity=False)
+    return draw(hnp.arrays(dtype, st.tuples(st.integers(1, 20), st.just(3)), elements=elements))
+
+
+@settings(max_examples=200, deadline=None)
+@given(valid_arrays())
+def test_decoder_accepts_the_valid_sequences(array: np.ndarray) -> None:
+    assert _valid(array)
+    got = decode_sequence(_SPEC, to_tensor(array), "sequence 0")
     assert got.dtype == np.float32
-    np.testing.assert_array_equal(got, array.astype(np.float32))
+    assert got.shape == array.shape
+    np.testing.assert_array_equal(got.astype(np.float64), array.astype(np.float64))
 
 
 # ---- batcher ----
