@@ -37,6 +37,7 @@ def test_bench_predict_smoke(tmp_path: Path) -> None:
         "0.5",
         "--results-dir",
         str(tmp_path),
+        "--rnnserve-arg=--no-warmup",  # starts in seconds; the figures are not judged here
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
