@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from rnnserve.client import AsyncClient, Client
+from rnnserve.client import AsyncClient, Client, RetryPolicy
 from rnnserve.client.tensors import to_tensor
 from rnnserve.v1 import inference_pb2 as pb
 from rnnserve.v1 import inference_pb2_grpc as pb_grpc
@@ -21,6 +21,7 @@ from rnnserve.v1 import inference_pb2_grpc as pb_grpc
 import zoo
 
 MODEL = "gru_steps"
+NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 def _x(length: int, seed: int = 0) -> np.ndarray:
@@ -146,3 +147,41 @@ def test_importing_a_bad_state_is_refused(zoo_server: Any) -> None:
         assert restored.steps == 4
         assert client.step(restored.session_id, _x(1)).total_steps == 5
         client.close_session(restored.session_id)
+
+
+def test_a_chunk_in_flight_at_shutdown_is_not_applied_and_the_session_survives(
+    zoo_repository: tuple[Path, dict[str, Any]], serve: Any, tmp_path: Path
+) -> None:
+    """Shutdown saves the sessions once the grace for chunks in flight is over; a chunk still
+    computing then is answered with an error and not applied, so the saved state and the
+    client's view agree: the client sends the chunk again after the restart."""
+    root, models = zoo_repository
+    repo = str(zoo.subset(root, [MODEL], tmp_path / "repo"))
+    snapshot = str(tmp_path / "sessions.bin")
+    server = serve(model_dir=repo, session_snapshot=snapshot, warmup=False)
+    batcher = server.call(lambda: server.server.repository.resolve(MODEL).batcher)
+    first, second = _x(4, 1), _x(6, 2)
+
+    async def main() -> tuple[str, BaseException | Any]:
+        async with AsyncClient(server.target, timeout=120, retry=NO_RETRY) as client:
+            info = await client.open_session(MODEL)
+            await client.step(info.session_id, first)
+            heavy = asyncio.ensure_future(client.predict(MODEL, [_x(6000, 3)] * 16))
+            await asyncio.to_thread(_wait_for, server, lambda: batcher._in_flight > 0, "busy")
+            step = asyncio.ensure_future(client.step(info.session_id, second))
+            await asyncio.to_thread(_wait_for, server, lambda: batcher.queue_depth > 0, "queued")
+            await asyncio.to_thread(server.stop, 0.2)  # grace ends while the chunk waits
+            outcome = (await asyncio.gather(step, return_exceptions=True))[0]
+            await asyncio.gather(heavy, return_exceptions=True)
+            return info.session_id, outcome
+
+    session_id, outcome = asyncio.run(main())
+    assert isinstance(outcome, grpc.RpcError), f"the chunk was answered: {outcome}"
+    assert outcome.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+    restarted = serve(model_dir=repo, session_snapshot=snapshot, warmup=False)
+    with Client(restarted.target, timeout=60) as client:
+        step = client.step(session_id, second, offset=4)  # the saved state: 4 steps, not 10
+        assert step.total_steps == 10
+    want = zoo.Reference(models[MODEL])(np.concatenate([first, second]))[0]
+    np.testing.assert_allclose(step.output.steps, want[4:], rtol=0, atol=1e-5)
