@@ -1,7 +1,10 @@
 """Dynamic micro-batching, one batcher per model version.
 
 The batcher dispatches at once when its model is idle; while a batch computes, new work queues, and
-the next batch is formed from the queue. A batch is grown around the oldest waiting sequence (so
+the next batch is formed from the queue. Under load (the last batch held several sequences) it
+first gathers: waits while sequences keep arriving, a few milliseconds at most, since one batch of
+many costs far less than several small ones, in compute and in the interpreter lock the event loop
+needs too. A batch is grown around the oldest waiting sequence (so
 nothing starves) with the sequences closest to it in length, bounded by rows and by padded timesteps
 (rows x longest). A sequence joins only if that costs less than running it on its own later, by the
 model's measured cost `steps x (step_cost + row_cost x rows)`: where each timestep's fixed overhead
@@ -39,6 +42,11 @@ class BatchPolicy:
     max_batch_size: int = 64  # rows
     max_batch_timesteps: int = 32768  # padded cells: rows x longest sequence
     max_delay: float = 0.0  # seconds to wait for a fuller batch when the model is idle
+    # Under load (the last batch held several sequences): seconds to wait for a fuller batch
+    # while sequences keep arriving (no new one for `gather_gap` ends the wait). A lone client
+    # never waits; many get bigger batches, which cost far less per sequence.
+    gather: float = 0.0
+    gather_gap: float = 0.001
     max_queue: int = 2048  # sequences waiting; beyond it, RESOURCE_EXHAUSTED
     equal_lengths_only: bool = False
     workers: int = 1  # batches computed at the same time
@@ -105,6 +113,8 @@ class Batcher:
         self._closed = False
         self._row_seconds = 0.001  # moving average of compute time per sequence
         self._observed = True  # batches count in stats and metrics (not during warm-up)
+        self._last_rows = 0  # sequences in the latest batch
+        self._last_end = 0.0  # perf_counter when the latest batch ended
 
     @property
     def queue_depth(self) -> int:
@@ -266,6 +276,7 @@ class Batcher:
                 raise
             finally:
                 self._in_flight -= 1
+                self._last_rows, self._last_end = len(batch), time.perf_counter()
             for item, result in zip(batch, results, strict=True):
                 if item.future.done():
                     continue
@@ -275,12 +286,32 @@ class Batcher:
                     item.future.set_result(result)
 
     async def _maybe_wait_for_more(self, loop: asyncio.AbstractEventLoop) -> None:
-        delay = self.policy.max_delay
-        if delay <= 0 or len(self._pending) >= self.policy.max_batch_size:
+        policy = self.policy
+        if len(self._pending) >= policy.max_batch_size:
             return
-        age = time.perf_counter() - self._pending[0].enqueued
-        if age < delay:
-            await asyncio.sleep(delay - age)
+        delay = policy.max_delay
+        if delay > 0:
+            age = time.perf_counter() - self._pending[0].enqueued
+            if age < delay:
+                await asyncio.sleep(delay - age)
+        if policy.gather > 0:
+            await self._gather()
+
+    async def _gather(self) -> None:
+        """Under load, wait for a fuller batch while sequences keep coming: the event loop
+        answers and receives meanwhile, and one batch of many costs far less than several small
+        ones. Not after a batch of one (a lone client would only wait) nor after a quiet spell."""
+        policy = self.policy
+        now = time.perf_counter()
+        if self._last_rows < 2 or now - self._last_end > policy.gather:
+            return
+        until = self._pending[0].enqueued + policy.gather
+        while self._pending and len(self._pending) < policy.max_batch_size and now < until:
+            quiet = now - self._pending[-1].enqueued
+            if quiet >= policy.gather_gap:
+                return
+            await asyncio.sleep(min(until - now, policy.gather_gap - quiet))
+            now = time.perf_counter()
 
     def _take_batch(self, now: float) -> list[WorkItem]:
         # Only the oldest few batches' worth of work is considered, so forming a batch costs the

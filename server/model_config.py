@@ -22,7 +22,14 @@ from typing import Any
 
 CONFIG_FILE = "config.json"
 _KEYS = {"description", "max_length", "outputs", "batching", "version_policy"}
-_BATCHING_KEYS = {"max_batch_size", "max_batch_timesteps", "max_delay_ms", "max_queue", "workers"}
+_BATCHING_KEYS = {
+    "max_batch_size",
+    "max_batch_timesteps",
+    "max_delay_ms",
+    "gather_ms",
+    "max_queue",
+    "workers",
+}
 
 
 class ConfigError(ValueError):

@@ -40,6 +40,11 @@ class Settings:
         32768, "most padded timesteps in one batch (rows x longest)"
     )
     max_delay_ms: float = _setting(0.0, "wait up to this long for a fuller batch when idle")
+    gather_ms: float = _setting(
+        10.0,
+        "under load (the last batch held several sequences), wait up to this long for a fuller "
+        "batch while sequences keep arriving; 0 turns it off",
+    )
     max_queue: int = _setting(4096, "most sequences waiting per model version")
     workers: int = _setting(1, "batches computed at the same time per model version")
     # Request limits.

@@ -119,6 +119,61 @@ def test_max_delay_waits_for_a_fuller_batch() -> None:
     assert runner.batches == [[4, 4]]
 
 
+def test_gathering_under_load_waits_while_sequences_keep_coming() -> None:
+    """After a batch of several, the next batch waits for more while they keep arriving (but
+    at most `gather`); a lone client (batches of one) never waits."""
+    runner = RecordingRunner()
+    batcher = Batcher(runner, BatchPolicy(gather=0.5, gather_gap=0.06))  # type: ignore[arg-type]
+
+    async def main() -> tuple[float, float, float]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await batcher.submit_nowait(seq(3))  # a lone request: answered without waiting
+        alone = loop.time() - started
+        await asyncio.gather(*batcher.submit_many([seq(3), seq(3)]))  # a batch of two
+        # Under load now: sequences trickling in every 20 ms join one batch...
+        started = loop.time()
+        futures = []
+        for _ in range(6):
+            futures.append(batcher.submit_nowait(seq(5)))
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*futures)
+        trickle = loop.time() - started
+        # ...and once they stop coming, the batch goes after a short gap, not the whole 0.5 s.
+        started = loop.time()
+        await asyncio.gather(*batcher.submit_many([seq(6), seq(6)]))
+        gap = loop.time() - started
+        await batcher.close()
+        return alone, trickle, gap
+
+    alone, trickle, gap = asyncio.run(main())
+    assert runner.batches[:2] == [[3], [3, 3]]
+    assert runner.batches[2] == [5] * 6, runner.batches
+    assert runner.batches[3] == [6, 6], runner.batches
+    assert alone < 0.05  # (the gap is 0.06 s: waiting would show)
+    assert trickle < 0.4  # ended a gap after the last one came, well before 0.5 s
+    assert gap < 0.4
+
+
+def test_gathering_is_bounded_by_its_delay() -> None:
+    runner = RecordingRunner()
+    batcher = Batcher(runner, BatchPolicy(gather=0.05, gather_gap=0.03))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        await asyncio.gather(*batcher.submit_many([seq(2), seq(2)]))
+        futures = []
+        for _ in range(20):  # one every 10 ms for 0.2 s: more than one gathering window
+            futures.append(batcher.submit_nowait(seq(4)))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*futures)
+        await batcher.close()
+
+    asyncio.run(main())
+    later = runner.batches[1:]
+    assert sum(map(len, later)) == 20
+    assert len(later) >= 3, later  # a 50 ms window cannot hold 0.2 s of arrivals
+
+
 def test_full_queue_refuses_at_once_and_submit_many_is_all_or_nothing() -> None:
     runner = RecordingRunner(hold_first=True)
     batcher = Batcher(runner, BatchPolicy(max_queue=3))  # type: ignore[arg-type]
