@@ -1,16 +1,16 @@
 """Dynamic micro-batching, one batcher per model version.
 
 The batcher dispatches at once when its model is idle; while a batch computes, new work queues, and
-the next batch is formed from the queue. Under load (the last batch held several sequences) it
-first gathers: waits while sequences keep arriving, a few milliseconds at most, since one batch of
-many costs far less than several small ones, in compute and in the interpreter lock the event loop
-needs too. A batch is grown around the oldest waiting sequence (so
-nothing starves) with the sequences closest to it in length, bounded by rows and by padded timesteps
-(rows x longest). A sequence joins only if that costs less than running it on its own later, by the
-model's measured cost `steps x (step_cost + row_cost x rows)`: where each timestep's fixed overhead
-dominates (small models) short and long sequences share a batch; where rows dominate, a few long
-sequences do not pad everything. Work whose client gave up or whose deadline passed is dropped
-before compute. The queue is bounded: when full, submitting refuses at once rather than grow.
+the next batch is formed from the queue. Under load (the last batch held several sequences) it first
+gathers: waits while sequences keep arriving, a few milliseconds at most, since one batch of many
+costs far less than several small ones, in compute and in the interpreter lock the event loop needs
+too. A batch is grown around the oldest waiting sequence (so nothing starves) with the sequences
+closest to it in length, bounded by rows and by padded timesteps (rows x longest). A sequence joins
+only if that costs less than running it on its own later, by the model's measured cost `steps x
+(step_cost + row_cost x rows)`: where each timestep's fixed overhead dominates (small models) short
+and long sequences share a batch; where rows dominate, a few long sequences do not pad everything.
+Work whose client gave up or whose deadline passed is dropped before compute. The queue is bounded:
+when full, submitting refuses at once rather than grow.
 """
 
 from __future__ import annotations
