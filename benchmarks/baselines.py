@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import json
 import signal
@@ -286,6 +287,11 @@ def frontdoor(serve_argv: Sequence[str]) -> int:
     real_submit = batching.Batcher.submit_many
     answers: dict[tuple[str, int], Any] = {}
 
+    def remember(key: tuple[str, int], future: asyncio.Future[Any]) -> None:
+        """Keep the first real answer for this (model, length)."""
+        if not future.cancelled() and future.exception() is None:
+            answers.setdefault(key, future.result())
+
     def submit_many(
         self: batching.Batcher, sequences: Sequence[np.ndarray], *, deadline: float | None = None
     ) -> list[asyncio.Future[Any]]:
@@ -293,13 +299,7 @@ def frontdoor(serve_argv: Sequence[str]) -> int:
         if not all(key in answers for key in keys):
             futures = real_submit(self, sequences, deadline=deadline)
             for key, future in zip(keys, futures, strict=True):
-                future.add_done_callback(
-                    lambda f, key=key: (
-                        f.cancelled()
-                        or f.exception() is not None
-                        or answers.setdefault(key, f.result())
-                    )
-                )
+                future.add_done_callback(functools.partial(remember, key))
             return futures
         self.check_room(len(sequences))
         loop = asyncio.get_running_loop()
