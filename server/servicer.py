@@ -83,6 +83,7 @@ class _Call:
         self.code = grpc.StatusCode.OK
         self.message = ""
         self.started = time.perf_counter()
+        self._recorded = False
 
     def serving(self, model: ServedModel) -> ServedModel:
         self.model, self.version = model.name, model.version
@@ -107,6 +108,10 @@ class _Call:
         return self.code, self.message
 
     def done(self) -> None:
+        """Record and log the outcome, once (the error path records before it sends the status)."""
+        if self._recorded:
+            return
+        self._recorded = True
         ended = time.perf_counter()
         seconds = ended - self.started
         self.metrics.request(self.model, self.version, self.method, self.code, seconds)
@@ -198,6 +203,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise
         except Exception as exc:
             code, message = call.failed(exc)
+            call.done()  # before abort, which sends the status: the client must not outrun the log
             await context.abort(code, message, trailing_metadata=trailer + _retry_hint(exc))
         finally:
             call.done()
@@ -400,6 +406,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except Exception as exc:
             code, message = call.failed(exc)
             trailer = ((REQUEST_ID, call.request_id), *_retry_hint(exc))
+            call.done()  # before abort, as in _unary
             await context.abort(code, message, trailing_metadata=trailer)
         finally:
             call.done()
