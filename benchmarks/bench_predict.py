@@ -291,7 +291,9 @@ def run(args: argparse.Namespace, work: Path, children: Children) -> dict[str, A
                     f"{level['settled']}): {level['requests_per_second']:.0f} req/s, "
                     f"{level['timesteps_per_second']:.0f} steps/s, p50 {level['p50_ms']} ms, "
                     f"p99 {level['p99_ms']} ms; CPU cores: server "
-                    f"{cpu.get(f'pid{proc.pid}', '?')}, loadgen {cpu.get('loadgen', '?')}, "
+                    f"{cpu.get(f'pid{proc.pid}', '?')} (busiest thread "
+                    f"{cpu.get(f'pid{proc.pid}_busiest_thread', '?')}), "
+                    f"loadgen {cpu.get('loadgen', '?')}, "
                     f"others {cpu.get('others', '?')}; errors {level['errors']}"
                 )
                 entry["levels"][str(c)] = level
@@ -379,7 +381,9 @@ def markdown(payload: dict[str, Any]) -> str:
     for _kind, entry in payload["results"]["servers"].items():
         for c, level in entry["levels"].items():
             cpu = level.get("cpu_cores", {})
-            server_cpu = next((v for k, v in cpu.items() if k.startswith("pid")), "")
+            server = next((k for k in cpu if k.startswith("pid") and "_" not in k), "")
+            server_cpu = cpu.get(server, "")
+            busiest = cpu.get(f"{server}_busiest_thread", "")
             rows.append(
                 [
                     entry["label"],
@@ -389,6 +393,7 @@ def markdown(payload: dict[str, Any]) -> str:
                     level["p50_ms"],
                     level["p99_ms"],
                     server_cpu,
+                    busiest,
                     cpu.get("loadgen", ""),
                     cpu.get("others", ""),
                     sum(level["errors"].values()),
@@ -407,6 +412,7 @@ def markdown(payload: dict[str, Any]) -> str:
                 "-",
                 "-",
                 "-",
+                "-",
                 0,
             ]
         )
@@ -420,6 +426,7 @@ def markdown(payload: dict[str, Any]) -> str:
                 "p50 ms",
                 "p99 ms",
                 "server CPU (cores)",
+                "its busiest thread",
                 "loadgen CPU",
                 "other CPU",
                 "errors",

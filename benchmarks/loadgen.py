@@ -88,6 +88,7 @@ class CpuWatch:
             with contextlib.suppress(psutil.Error):
                 self.procs[f"pid{pid}"] = psutil.Process(pid)
         self._start: dict[str, float] = {}
+        self._start_threads: dict[tuple[str, int], float] = {}
         self._t0 = 0.0
 
     def _busy(self) -> float:
@@ -100,26 +101,43 @@ class CpuWatch:
             + getattr(t, "softirq", 0.0)
         )
 
-    def _sample(self) -> dict[str, float]:
+    def _sample(self) -> tuple[dict[str, float], dict[tuple[str, int], float]]:
+        """Per process, and per thread of each watched process (a Python server is bounded by
+        its busiest thread, the one that holds the GIL most: near 1 core, it is saturated)."""
         sample = {"machine": self._busy()}
+        threads: dict[tuple[str, int], float] = {}
         for name, proc in self.procs.items():
             try:
                 c = proc.cpu_times()
                 sample[name] = float(c.user + c.system)
+                if name != "loadgen":
+                    for t in proc.threads():
+                        threads[(name, t.id)] = float(t.user_time + t.system_time)
             except self._psutil.Error:
                 pass
-        return sample
+        return sample, threads
 
     def start(self) -> None:
         self._t0 = time.perf_counter()
-        self._start = self._sample()
+        self._start, self._start_threads = self._sample()
 
     def stop(self) -> dict[str, float]:
         seconds = time.perf_counter() - self._t0
-        end = self._sample()
+        end, end_threads = self._sample()
         cores = {k: round((end[k] - v) / seconds, 3) for k, v in self._start.items() if k in end}
         named = sum(v for k, v in cores.items() if k != "machine")
         cores["others"] = round(max(cores.get("machine", 0.0) - named, 0.0), 3)
+        for name in self.procs:
+            busiest = max(
+                (
+                    end_threads[key] - self._start_threads.get(key, 0.0)
+                    for key in end_threads
+                    if key[0] == name
+                ),
+                default=None,
+            )
+            if busiest is not None:
+                cores[f"{name}_busiest_thread"] = round(busiest / seconds, 3)
         return cores
 
 
