@@ -102,8 +102,8 @@ class CpuWatch:
         )
 
     def _sample(self) -> tuple[dict[str, float], dict[tuple[str, int], float]]:
-        """Per process, and per thread of each watched process (a Python server is bounded by
-        its busiest thread, the one that holds the GIL most: near 1 core, it is saturated)."""
+        """Per process, and per thread of each watched process: a Python server's busiest thread
+        is its event loop, and near 1 core that loop is saturated."""
         sample = {"machine": self._busy()}
         threads: dict[tuple[str, int], float] = {}
         for name, proc in self.procs.items():
