@@ -138,6 +138,7 @@ class Server:
         await self.health.set(SERVICE, _SERVING)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._expire_sessions()))
+        self._tasks.append(loop.create_task(self._watch_loop_lag()))
         if s.poll_interval > 0:
             self._tasks.append(loop.create_task(self.repository.watch(s.poll_interval)))
         if s.session_snapshot:  # last: a start that fails before here keeps the file
@@ -156,6 +157,15 @@ class Server:
         while True:
             await asyncio.sleep(interval)
             self.store.expire()
+
+    async def _watch_loop_lag(self, interval: float = 0.25) -> None:
+        """How late a timer fires is how long the loop was busy with other work: the first
+        sign of a saturated server, before queues or latency show it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            self.metrics.loop_lag.observe((), max(loop.time() - due, 0.0))
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new work (UNAVAILABLE), finish in-flight work, save sessions, stop."""

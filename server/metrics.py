@@ -119,9 +119,19 @@ class Metrics:
             "Timesteps the model ran, padding to compiled (XLA) shapes included",
             ("model", "version"),
         )
+        # Sampled by the server a few times a second (app.py); no labels.
+        self.loop_lag = HistogramTally(
+            "rnnserve_event_loop_lag_seconds",
+            "How late a timer on the event loop fires: every RPC, batch and answer passes through "
+            "that one loop, so a growing lag means it is saturated",
+            (),
+            _LATENCY,
+        )
+        self.loop_lag.observe_many((), ())  # the series exists (empty) from the start
         r.register(
             Tallies(
                 [
+                    self.loop_lag,
                     self.requests,
                     self.request_seconds,
                     self.queue_seconds,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,27 @@ def test_scraped_metrics_match_the_traffic_exactly(
     exported = {name for name, _ in m}
     assert used, "dashboard plots nothing"
     assert used <= exported, f"dashboard uses unknown series {sorted(used - exported)}"
+
+
+def test_event_loop_lag_shows_a_blocked_loop(serve: Any, tmp_path: Path) -> None:
+    """A timer on the server's loop is sampled 4 times a second; blocking the loop for 0.6 s makes
+    one sample at least 0.35 s late (the block minus at most one sampling interval)."""
+    (tmp_path / "models").mkdir()
+    server = serve(model_dir=str(tmp_path / "models"), warmup=False)
+    time.sleep(0.6)
+    before = server.scrape()
+    assert value(before, "rnnserve_event_loop_lag_seconds_count") >= 1
+    quiet = value(before, "rnnserve_event_loop_lag_seconds_bucket", le="0.25")
+    assert quiet == value(before, "rnnserve_event_loop_lag_seconds_count")  # an idle loop is prompt
+
+    server.loop.call_soon_threadsafe(time.sleep, 0.6)  # blocks the loop thread
+    time.sleep(1.2)
+    after = server.scrape()
+    late = value(after, "rnnserve_event_loop_lag_seconds_count") - value(
+        after, "rnnserve_event_loop_lag_seconds_bucket", le="0.25"
+    )
+    assert late >= 1, late
+    grown = value(after, "rnnserve_event_loop_lag_seconds_sum") - value(
+        before, "rnnserve_event_loop_lag_seconds_sum"
+    )
+    assert 0.35 <= grown < 1.0, grown
