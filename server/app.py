@@ -159,8 +159,8 @@ class Server:
             self.store.expire()
 
     async def _watch_loop_lag(self, interval: float = 0.25) -> None:
-        """How late a timer fires is how long the loop was busy with other work: the first
-        sign of a saturated server, before queues or latency show it."""
+        """How late a timer fires is how long the loop was busy with other work; every call
+        waits about that long for the loop before its handler runs."""
         loop = asyncio.get_running_loop()
         while True:
             due = loop.time() + interval

@@ -123,7 +123,7 @@ class Metrics:
         self.loop_lag = HistogramTally(
             "rnnserve_event_loop_lag_seconds",
             "How late a timer on the event loop fires: every RPC, batch and answer passes through "
-            "that one loop, so a growing lag means it is saturated",
+            "that one loop, so every call waits about this long for it",
             (),
             _LATENCY,
         )
