@@ -381,9 +381,7 @@ def markdown(payload: dict[str, Any]) -> str:
     for _kind, entry in payload["results"]["servers"].items():
         for c, level in entry["levels"].items():
             cpu = level.get("cpu_cores", {})
-            server = next((k for k in cpu if k.startswith("pid") and "_" not in k), "")
-            server_cpu = cpu.get(server, "")
-            busiest = cpu.get(f"{server}_busiest_thread", "")
+            server_cpu, busiest = common.server_cpu(cpu)
             rows.append(
                 [
                     entry["label"],

@@ -319,7 +319,7 @@ def markdown(payload: dict[str, Any]) -> str:
         rows = []
         for key, r in t["runs"].items():
             cpu = r.get("cpu_cores", {})
-            server_cpu = next((v for k, v in cpu.items() if k.startswith("pid")), "")
+            server_cpu, _ = common.server_cpu(cpu)
             rows.append(
                 [
                     f"{key} ({r['label']})",

@@ -427,6 +427,13 @@ def scrape(port: int) -> dict[str, float]:
     return values
 
 
+def server_cpu(cpu: dict[str, float]) -> tuple[float | str, float | str]:
+    """From a load generator's `cpu_cores` (one watched server): the server's cores and its
+    busiest thread's, or "" where not measured."""
+    server = next((k for k in cpu if k.startswith("pid") and "_" not in k), "")
+    return cpu.get(server, ""), cpu.get(f"{server}_busiest_thread", "")
+
+
 def publish(
     stem: str,
     payload: dict[str, Any],
