@@ -16,7 +16,13 @@ from pathlib import Path
 
 from rnnserve.server.batching import BatchObserver
 from rnnserve.server.errors import NotFound
-from rnnserve.server.model_config import ConfigError, VersionPolicy, read_config, read_policy
+from rnnserve.server.model_config import (
+    CONFIG_FILE,
+    ConfigError,
+    VersionPolicy,
+    read_config,
+    read_policy,
+)
 from rnnserve.server.served_model import LoadState, ServedModel, load_version, warm_up_sequences
 from rnnserve.server.settings import Settings
 
@@ -37,34 +43,51 @@ class VersionStatus:
 
 @dataclass(frozen=True)
 class Found:
-    """One model directory as scanned: its version policy and version directories."""
+    """One model directory as scanned: its version policy (None while the model's own config is
+    broken) and version directories."""
 
-    policy: VersionPolicy
+    policy: VersionPolicy | None
     versions: dict[int, Path]
     fingerprints: dict[int, tuple[float, int]]
 
 
 def _fingerprint(version_dir: Path) -> tuple[float, int]:
-    """Changes when any file of the version changes, so a fixed broken version is retried."""
+    """Changes when any file of the version changes, or the model's config (which the version's
+    merges), so a fixed broken version is retried."""
     stats = [p.stat() for p in version_dir.iterdir()]
+    model_config = version_dir.parent / CONFIG_FILE
+    if model_config.is_file():
+        stats.append(model_config.stat())
     return max((s.st_mtime for s in stats), default=0.0), sum(s.st_size for s in stats)
 
 
 def scan(root: Path) -> tuple[dict[str, Found], dict[tuple[str, int], str]]:
-    """Every model directory with numbered versions, and problems found while scanning."""
+    """Every model directory with numbered versions, and problems found while scanning (keyed by
+    model and version 0 when they concern the model as a whole)."""
     found: dict[str, Found] = {}
     problems: dict[tuple[str, int], str] = {}
     if not root.is_dir():
         raise FileNotFoundError(f"model repository {root} is not a directory")
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        versions = {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+        versions: dict[int, Path] = {}
+        numbered = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        for path in sorted(numbered, key=lambda p: (int(p.name), len(p.name))):  # 1 before 01
+            version = int(path.name)
+            if version == 0 or version in versions:  # 0 means "latest" in the API; 1 and 01
+                problems[(model_dir.name, 0)] = (
+                    f"version directory {path.name} ignored: versions are numbered from 1, "
+                    "one directory each"
+                )
+                continue
+            versions[version] = path
         if not versions:
             continue
+        policy: VersionPolicy | None
         try:
             policy = read_policy(model_dir)
         except ConfigError as exc:
             problems[(model_dir.name, 0)] = str(exc)
-            continue
+            policy = None
         prints = {v: _fingerprint(path) for v, path in versions.items()}
         found[model_dir.name] = Found(policy, versions, prints)
     return found, problems
@@ -123,6 +146,8 @@ class Repository:
 
     def _failed_reason(self, name: str, version: int = 0) -> str:
         for (n, v), error in self._failed.items():
+            if n == name and not v:
+                return f" (its model directory has a problem: {error})"
             if n == name and version in (0, v):
                 return f" (version {v} failed to load: {error})"
         return ""
@@ -167,6 +192,9 @@ class Repository:
                     self._failed_prints.pop(key, None)
             wanted: dict[str, set[int]] = {}
             for name, entry in found.items():
+                if entry.policy is None:  # its config is broken: keep serving what it serves
+                    wanted[name] = set(self._served.get(name, {}))
+                    continue
                 while True:
                     usable = [v for v in entry.versions if (name, v) not in self._failed]
                     wanted[name] = set(entry.policy.select(usable))
@@ -228,10 +256,14 @@ class Repository:
                 self._notify(served.name, served.version, "unloaded", None)
 
     async def watch(self, interval: float) -> None:
-        """Re-scan every `interval` seconds until cancelled."""
+        """Re-scan every `interval` seconds until cancelled. A scan that fails is logged and the
+        next one runs all the same: hot reload must not stop for good on one bad file."""
         while True:
             await asyncio.sleep(interval)
-            await self.sync()
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("rescanning model repository %s failed; trying again", self.root)
 
     async def close(self) -> None:
         for served in self.served():

@@ -142,3 +142,48 @@ def test_removed_version_drains_until_its_sessions_end(
             _wait("v1 unloaded", lambda: 1 not in _states(client, "m"))
         assert load.failures == []
         assert set(load.versions) == {2}
+
+
+def test_a_broken_model_config_keeps_what_the_model_serves(
+    serve: Any, zoo_repository: Any, tmp_path: Path
+) -> None:
+    """A model's config.json that does not parse (here: not even UTF-8) is reported; the model
+    keeps serving the versions it had, loads no new one until the file is fixed, and the
+    repository keeps being watched."""
+    source = zoo_repository[0]
+    root = tmp_path / "models"
+    shutil.copytree(source / "lstm_masked" / "1", root / "m" / "1")
+    server = serve(model_dir=str(root), poll_interval=0.2)
+    config = root / "m" / "config.json"
+    with Client(server.target) as client, Load(server.target, "m") as load:
+        _wait("traffic on v1", lambda: load.versions[1] > 20)
+        config.write_bytes(b"\xff\xfe{ not json")
+        _wait(
+            "config reported", lambda: "not valid JSON" in _states(client, "m").get(0, ("", ""))[1]
+        )
+        shutil.copytree(source / "collapse_then_dense" / "1", root / "m" / "2")
+        time.sleep(1.0)  # five scans
+        assert _states(client, "m")[1][0] == "READY"
+        assert 2 not in _states(client, "m")
+        served_before = load.versions[1]
+        _wait("v1 still serving", lambda: load.versions[1] > served_before + 20)
+
+        config.write_text("{}")
+        _wait("traffic on v2", lambda: load.versions[2] > 20)
+        assert 0 not in _states(client, "m")
+    assert load.failures == []
+
+
+def test_a_version_that_failed_on_the_model_config_is_retried_when_it_is_fixed(
+    serve: Any, zoo_repository: Any, tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(zoo_repository[0] / "lstm_masked" / "1", root / "m" / "1")
+    config = root / "m" / "config.json"
+    config.write_text(json.dumps({"max_length": 0}))  # read when a version loads
+    server = serve(model_dir=str(root), poll_interval=0.2)
+    with Client(server.target) as client:
+        assert "max_length" in _states(client, "m")[1][1]
+        config.write_text(json.dumps({"max_length": 50}))
+        _wait("v1 loaded", lambda: _states(client, "m").get(1, ("",))[0] == "READY")
+        assert client.metadata("m").max_length == 50
