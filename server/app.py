@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from pathlib import Path
 
@@ -45,7 +44,7 @@ class Server:
             overflow=settings.session_overflow,
             on_end=self._session_ended,
         )
-        self.sessions = SessionService(self.repository, self.store, settings.session_ttl)
+        self.sessions = SessionService(self.repository, self.store)
         self.servicer = InferenceServicer(self.repository, self.sessions, self.metrics, settings)
         self.metrics.live(self._batchers, lambda: len(self.store))
         self.port = 0
@@ -70,7 +69,7 @@ class Server:
 
     def _session_ended(self, session: Session, reason: str) -> None:
         self.metrics.session_ends.labels(reason).inc()
-        self.sessions.unpin(session, reason)
+        self.sessions.unpin(session)
 
     def _model_event(self, name: str, version: int, event: str, seconds: float | None) -> None:
         self.metrics.model_event(name, version, event, seconds)
@@ -181,15 +180,24 @@ class Server:
             log.warning("chunks still in flight after %.1f s; saving sessions as they are", grace)
         self.sessions.freeze()  # from here no chunk is applied, so the snapshot stays true
         if self.settings.session_snapshot:
-            saved = self.sessions.save(Path(self.settings.session_snapshot))
-            log.info("saved %d sessions to %s", saved, self.settings.session_snapshot)
+            path = Path(self.settings.session_snapshot)
+            try:
+                saved = self.sessions.save(path)
+                log.info("saved %d sessions to %s", saved, path)
+            except OSError as exc:  # the rest of the shutdown must still happen
+                log.error("could not save sessions to %s: %s; they are lost", path, exc)
         if self._grpc is not None:
             await self._grpc.stop(max(deadline - loop.time(), 0.0))
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("background task %s had failed", task.get_name())
         await self.repository.close()
+        await asyncio.to_thread(self.metrics.close)  # waits for its thread to end
 
     async def wait(self) -> None:
         if self._grpc is not None:

@@ -10,6 +10,7 @@ import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -39,10 +40,9 @@ log = logging.getLogger(__name__)
 
 
 class SessionService:
-    def __init__(self, repository: Repository, store: SessionStore, ttl: float) -> None:
+    def __init__(self, repository: Repository, store: SessionStore) -> None:
         self.repository = repository
         self.store = store
-        self.ttl = ttl
         self.in_flight = 0  # chunks being computed
         self.frozen = False  # shutting down, sessions saved: no chunk may change them any more
         self._quiet = asyncio.Event()  # set while in_flight == 0
@@ -59,8 +59,9 @@ class SessionService:
             await asyncio.wait_for(self._quiet.wait(), max(timeout, 0.0))
         return not self.in_flight
 
-    def unpin(self, session: Session, reason: str) -> None:
-        """Store listener: a session ended, so its model version no longer waits for it."""
+    def unpin(self, session: Session) -> None:
+        """A session ended (closed, expired or evicted): its model version no longer waits for
+        it."""
         try:
             model = self.repository.resolve(session.model, session.version, draining_ok=True)
         except NotFound:
@@ -73,7 +74,7 @@ class SessionService:
             model_name=session.model,
             model_version=session.version,
             steps=session.steps,
-            idle_ttl_seconds=self.ttl,
+            idle_ttl_seconds=self.store.ttl,
         )
 
     def _streamable(self, name: str, version: int, *, draining_ok: bool = False) -> ServedModel:
@@ -215,17 +216,20 @@ class SessionService:
         """Write every session to `path` (length-prefixed SessionState messages), atomically."""
         tmp = path.with_name(path.name + ".tmp")
         count = 0
-        with tmp.open("wb") as out:
-            for session in self.store:
-                try:
-                    message = self.export(session.id).SerializeToString()
-                except ServeError as exc:
-                    log.warning("session %s not saved: %s", session.id, exc)
-                    continue
-                out.write(_LENGTH.pack(len(message)))
-                out.write(message)
-                count += 1
-        os.replace(tmp, path)
+        try:
+            with tmp.open("wb") as out:
+                for session in self.store:
+                    try:
+                        message = self.export(session.id).SerializeToString()
+                    except ServeError as exc:
+                        log.warning("session %s not saved: %s", session.id, exc)
+                        continue
+                    _write_record(out, message)
+                    count += 1
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         return count
 
     def restore(self, path: Path) -> int:
@@ -234,6 +238,7 @@ class SessionService:
         if not path.is_file():
             return 0
         restored = 0
+        refused: list[pb.SessionState] = []
         try:
             for state in _read_states(path.read_bytes()):
                 try:
@@ -241,6 +246,7 @@ class SessionService:
                     restored += 1
                 except ServeError as exc:
                     log.warning("session %s not restored: %s", state.session_id, exc)
+                    refused.append(state)
         except (OSError, ValueError) as exc:
             bad = path.with_name(path.name + ".bad")
             log.error(
@@ -251,7 +257,29 @@ class SessionService:
                 bad,
             )
             os.replace(path, bad)
+        if refused:
+            self._keep_aside(path, refused)
         return restored
+
+    @staticmethod
+    def _keep_aside(path: Path, refused: list[pb.SessionState]) -> None:
+        """Sessions whose model version is not served now (a restart that loaded a newer one,
+        or a model that failed to load) go to `<name>.unrestored` instead of being lost with the
+        snapshot: served again with that version loaded (`--session-snapshot` naming the file),
+        they come back."""
+        aside = path.with_name(path.name + ".unrestored")
+        try:
+            with aside.open("wb") as out:
+                for state in refused:
+                    _write_record(out, state.SerializeToString())
+        except OSError as exc:
+            log.error("could not keep %d unrestored sessions in %s: %s", len(refused), aside, exc)
+            return
+        log.warning(
+            "%d sessions were not restored (their model versions are not served); kept in %s",
+            len(refused),
+            aside,
+        )
 
     def retire_snapshot(self, path: Path) -> None:
         """Delete a snapshot once its sessions are restored and served. Were it kept, a crash
@@ -261,6 +289,11 @@ class SessionService:
 
 
 _LENGTH = struct.Struct("<I")  # snapshot records: 4-byte length, then a SessionState
+
+
+def _write_record(out: BinaryIO, message: bytes) -> None:
+    out.write(_LENGTH.pack(len(message)))
+    out.write(message)
 
 
 def _read_states(data: bytes) -> Iterable[pb.SessionState]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import shutil
 import socket
 import time
 import zlib
@@ -290,6 +291,54 @@ def test_a_causal_model_without_recurrent_layers_streams_with_no_state(
     want = np.asarray(model(x[None]))[0]
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
     assert results[-1].total_steps == 40
+
+
+def test_sessions_of_a_version_not_served_after_a_restart_are_kept_aside(
+    serve: Any, zoo_repository: Any, tmp_path: Path
+) -> None:
+    """A rollout replaces version 1 by 2 across a restart: the snapshot's version-1 sessions
+    cannot be restored, so they go to `<snapshot>.unrestored` instead of being lost, and a server
+    that has version 1 again restores them from there."""
+    root = zoo.subset(zoo_repository[0], ["gru_steps"], tmp_path / "models")
+    model = root / "gru_steps"
+    snapshot = tmp_path / "sessions.bin"
+    aside = tmp_path / "sessions.bin.unrestored"
+    server = serve(model_dir=str(root), session_snapshot=str(snapshot), warmup=False)
+    with Client(server.target) as client:
+        session = client.open_session("gru_steps")
+        client.step(session.session_id, np.ones((4, zoo.D), np.float32))
+    server.stop()
+    shutil.move(model / "1", model / "2")
+    server = serve(model_dir=str(root), session_snapshot=str(snapshot), warmup=False)
+    assert aside.stat().st_size > 0
+    with Client(server.target) as client, pytest.raises(grpc.RpcError) as err:
+        client.step(session.session_id, np.ones((2, zoo.D), np.float32), offset=4)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    server.stop()
+    shutil.move(model / "2", model / "1")
+    server = serve(model_dir=str(root), session_snapshot=str(aside), warmup=False)
+    assert not aside.exists()  # restored and serving: retired
+    with Client(server.target) as client:
+        step = client.step(session.session_id, np.ones((2, zoo.D), np.float32), offset=4)
+        assert step.total_steps == 6
+
+
+def test_a_snapshot_that_cannot_be_written_does_not_stop_the_shutdown(
+    serve: Any, zoo_repository: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = zoo.subset(zoo_repository[0], ["gru_steps"], tmp_path / "models")
+    snapshot = tmp_path / "no-such-dir" / "sessions.bin"
+    server = serve(model_dir=str(root), session_snapshot=str(snapshot), warmup=False)
+    with Client(server.target) as client:
+        session = client.open_session("gru_steps")
+        client.step(session.session_id, np.ones((4, zoo.D), np.float32))
+    ports = (server.server.port, server.server.metrics_port)
+    server.stop()
+    assert "could not save sessions" in caplog.text
+    for port in ports:  # the rest of the shutdown ran: both ports are free again
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # fails only if listened on
+            probe.bind(("127.0.0.1", port))
 
 
 def test_a_restart_that_fails_keeps_the_snapshot(
