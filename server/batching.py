@@ -303,8 +303,8 @@ class Batcher:
         ones. Not after a batch of one (a lone client would only wait) nor after a quiet spell."""
         policy = self.policy
         now = time.perf_counter()
-        if self._last_rows < 2 or now - self._last_end > policy.gather:
-            return
+        if not self._pending or self._last_rows < 2 or now - self._last_end > policy.gather:
+            return  # (another worker may have taken what was queued while this one slept)
         until = self._pending[0].enqueued + policy.gather
         while self._pending and len(self._pending) < policy.max_batch_size and now < until:
             quiet = now - self._pending[-1].enqueued

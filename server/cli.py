@@ -126,7 +126,7 @@ def _health(args: argparse.Namespace) -> int:
 
     try:
         with _client(args) as client:
-            ok = client.health(args.model)
+            ok = client.health(args.model, timeout=args.timeout)
     except grpc.RpcError as err:
         print(f"unhealthy: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1

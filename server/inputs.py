@@ -91,22 +91,19 @@ def decode_sequence(spec: InputSpec, tensor: pb.Tensor, where: str) -> np.ndarra
     return array
 
 
-def decode_request(
-    spec: InputSpec,
-    tensors: Sequence[pb.Tensor],
-    *,
-    max_sequences: int,
-    max_timesteps: int,
-) -> list[np.ndarray]:
+def check_request_size(
+    spec: InputSpec, tensors: Sequence[pb.Tensor], *, max_sequences: int, max_timesteps: int
+) -> None:
+    """Refuse a request over the per-request limits before anything else, so that it gets no
+    retry hint for a full queue: waiting cannot make it fit."""
     count = len(tensors)
     if count == 1:  # the common case: no totals to add up
-        tensor = tensors[0]
-        if tensor.shape and tensor.shape[0] > max_timesteps:
+        shape = tensors[0].shape
+        if shape and shape[0] > max_timesteps:
             raise ResourceExhausted(
-                f"{tensor.shape[0]} timesteps in one request; the limit is {max_timesteps}, "
-                "split it"
+                f"{shape[0]} timesteps in one request; the limit is {max_timesteps}, split it"
             )
-        return [decode_sequence(spec, tensor, "sequence 0")]
+        return
     if not count:
         raise InvalidInput(f"no sequences in the request; expected one or more {spec.description}")
     if count > max_sequences:
@@ -118,4 +115,9 @@ def decode_request(
         raise ResourceExhausted(
             f"{total} timesteps in one request; the limit is {max_timesteps}, split it"
         )
+
+
+def decode_request(spec: InputSpec, tensors: Sequence[pb.Tensor]) -> list[np.ndarray]:
+    if len(tensors) == 1:
+        return [decode_sequence(spec, tensors[0], "sequence 0")]
     return [decode_sequence(spec, t, f"sequence {i}") for i, t in enumerate(tensors)]

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from rnnserve.server.errors import InvalidInput, ServeError, Unavailable, status_of
-from rnnserve.server.inputs import decode_request
+from rnnserve.server.inputs import check_request_size, decode_request
 from rnnserve.server.logs import Throttle
 from rnnserve.server.metrics import UNKNOWN_MODEL, Metrics
 from rnnserve.server.outputs import encode_row, select
@@ -107,7 +107,7 @@ class _Call:
             )
         return self.code, self.message
 
-    def done(self) -> None:
+    def done(self, *, log_it: bool = True) -> None:
         """Record and log the outcome, once (the error path records before it sends the status)."""
         if self._recorded:
             return
@@ -116,7 +116,7 @@ class _Call:
         seconds = ended - self.started
         self.metrics.request(self.model, self.version, self.method, self.code, seconds)
         level = logging.DEBUG if self.code in _QUIET else logging.INFO
-        if not log.isEnabledFor(level):
+        if not log_it or not log.isEnabledFor(level):
             return
         held = 0
         if not log.isEnabledFor(logging.DEBUG):  # at debug level every call is logged
@@ -216,13 +216,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async def body(call: _Call) -> pb.PredictResponse:
             model = call.serving(self.repository.resolve(request.model_name, request.model_version))
             selection = select(model, request.output_mode, request.output_names, request.top_k)
-            model.batcher.check_room(len(request.sequences))
-            sequences = decode_request(
+            check_request_size(
                 model.inputs,
                 request.sequences,
                 max_sequences=self.settings.max_sequences,
                 max_timesteps=self.settings.max_request_timesteps,
             )
+            model.batcher.check_room(len(request.sequences))
+            sequences = decode_request(model.inputs, request.sequences)
             futures = model.batcher.submit_many(sequences, deadline=deadline_of(context))
             if len(futures) == 1:  # a cancelled handler cancels the future it awaits
                 rows = [await futures[0]]
@@ -377,7 +378,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             else:
                 session = self.sessions.open(opening.model_name, opening.model_version)
             call.model, call.version = session.model, session.version
-            selection = self.sessions.selection(session, opening.output_mode, opening.top_k)
+            try:
+                selection = self.sessions.selection(session, opening.output_mode, opening.top_k)
+            except ServeError:
+                if not opening.session_id:  # opened for this stream, whose id nobody has seen
+                    self.sessions.close(session.id)
+                raise
             yield pb.StreamResponse(opened=self.sessions.info(session))
             while (message := await self._next(requests, session.id)) is not None:
                 kind = message.WhichOneof("kind")
@@ -394,11 +400,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     step = await self.sessions.step(
                         session.id, message.chunk, selection, deadline=deadline_of(context)
                     )
+                except asyncio.CancelledError:
+                    chunk.code = grpc.StatusCode.CANCELLED
+                    raise
                 except Exception as exc:
-                    chunk.code = status_of(exc)[0]  # counted here, logged once by the stream
+                    chunk.code = status_of(exc)[0]
                     raise
                 finally:
-                    chunk.done()
+                    chunk.done(log_it=False)  # counted here; a failure is logged by the stream
                 yield pb.StreamResponse(step=step)
         except asyncio.CancelledError:
             call.code = grpc.StatusCode.CANCELLED

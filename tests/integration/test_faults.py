@@ -171,7 +171,9 @@ def test_refusal_leaves_no_partial_work(serve: Any, zoo_repository: Any, tmp_pat
     """A multi-sequence request refused by a full queue queues none of its sequences, and is told
     when to retry; one that could never fit is told to split, with no retry hint."""
     root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
-    server = serve(model_dir=str(root), max_queue=3, warmup=False)  # one worker
+    server = serve(  # one worker
+        model_dir=str(root), max_queue=3, max_request_timesteps=50000, warmup=False
+    )
     batcher = server.call(lambda: server.server.repository.resolve("lstm_masked").batcher)
     rng = np.random.default_rng(4)
     long = rng.normal(size=(40000, zoo.D)).astype(np.float32)  # occupies the worker (seconds)
@@ -203,6 +205,14 @@ def test_refusal_leaves_no_partial_work(serve: Any, zoo_repository: Any, tmp_pat
         err.value.details() or ""
     )
     assert float(dict(err.value.trailing_metadata() or ())["retry-after-ms"]) > 0
+    # Over a per-request limit while the queue is full: told to split, with no retry hint,
+    # since waiting cannot make it fit.
+    with Client(server.target, retry=NO_RETRY) as client, pytest.raises(grpc.RpcError) as err:
+        client.predict("lstm_masked", [np.ones((30000, zoo.D), np.float32)] * 2)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "60000 timesteps in one request; the limit is 50000" in (err.value.details() or "")
+    assert "retry-after-ms" not in dict(err.value.trailing_metadata() or ())
+    assert server.call(lambda: batcher.queue_depth) == 2, "the queue was no longer full"
     for sender in senders:
         sender.join(120)
     assert [p.length for p in answers["long"]] == [40000]

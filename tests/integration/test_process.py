@@ -325,3 +325,20 @@ def test_wheel_carries_every_package(tmp_path: Path) -> None:
         assert needed in names, f"{needed} missing from the wheel"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "rnnserve = rnnserve.server.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def test_health_gives_up_after_its_timeout(capsys: pytest.CaptureFixture[str]) -> None:
+    """A server that accepts the connection and never answers: `rnnserve health --timeout` is
+    what bounds the wait (a container's health check counts on it)."""
+    from rnnserve.server.cli import main
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        code = main(["health", "--target", target, "--timeout", "0.5"])
+        took = time.monotonic() - started
+    assert code == 1
+    assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
+    assert took < 3.0  # the built-in default is 5 s

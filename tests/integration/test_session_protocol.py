@@ -103,6 +103,18 @@ def test_streams_that_break_the_protocol_get_invalid_argument(zoo_server: Any) -
     assert "expected a chunk or close message, got open" in failed.details()
 
 
+def test_a_stream_refused_at_open_leaves_no_session_behind(zoo_server: Any) -> None:
+    """A new session whose options are refused is removed again: nobody learnt its id, so it
+    would only hold a place against the session limit until it expired."""
+    before = zoo_server.call(lambda: len(zoo_server.server.store))
+    opening = pb.StreamRequest(open=pb.StreamOpen(model_name=MODEL, top_k=-1))
+    kinds, failed = _stream(zoo_server.target, [opening])
+    assert kinds == []
+    assert failed.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "top_k must be >= 0" in failed.details()
+    assert zoo_server.call(lambda: len(zoo_server.server.store)) == before
+
+
 def test_resuming_a_session_under_another_model_is_refused_and_keeps_it(zoo_server: Any) -> None:
     with Client(zoo_server.target, timeout=60) as client:
         info = client.open_session(MODEL)
@@ -185,3 +197,36 @@ def test_a_chunk_in_flight_at_shutdown_is_not_applied_and_the_session_survives(
         assert step.total_steps == 10
     want = zoo.Reference(models[MODEL])(np.concatenate([first, second]))[0]
     np.testing.assert_allclose(step.output.steps, want[4:], rtol=0, atol=1e-5)
+
+
+def test_a_chunk_whose_stream_is_cancelled_counts_as_cancelled(
+    zoo_repository: tuple[Path, dict[str, Any]], serve: Any, tmp_path: Path
+) -> None:
+    root, _ = zoo_repository
+    server = serve(model_dir=str(zoo.subset(root, [MODEL], tmp_path / "repo")), warmup=False)
+    batcher = server.call(lambda: server.server.repository.resolve(MODEL).batcher)
+
+    def chunks(code: str) -> float:
+        labels = (("code", code), ("method", "StreamChunk"), ("model", MODEL), ("version", "1"))
+        return server.scrape().get(("rnnserve_requests_total", labels), 0.0)
+
+    async def main() -> None:
+        async with AsyncClient(server.target, timeout=120) as client:
+            heavy = asyncio.ensure_future(client.predict(MODEL, [_x(4000, 3)] * 16))
+            await asyncio.to_thread(_wait_for, server, lambda: batcher._in_flight > 0, "busy")
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                call = pb_grpc.InferenceStub(channel).Stream()
+                await call.write(pb.StreamRequest(open=pb.StreamOpen(model_name=MODEL)))
+                assert (await call.read()).WhichOneof("kind") == "opened"
+                await call.write(pb.StreamRequest(chunk=pb.Chunk(data=to_tensor(_x(5, 1)))))
+                queued = lambda: batcher.queue_depth > 0  # noqa: E731
+                await asyncio.to_thread(_wait_for, server, queued, "queued")
+                call.cancel()
+            await heavy
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 30
+    while chunks("CANCELLED") < 1:
+        assert time.monotonic() < deadline, "the cancelled chunk was not counted as CANCELLED"
+        time.sleep(0.05)
+    assert chunks("OK") == 0

@@ -299,3 +299,22 @@ def test_work_that_kills_every_worker_fails_and_the_rest_is_served() -> None:
         await batcher.close()
 
     asyncio.run(main())
+
+
+def test_a_worker_that_finds_the_queue_emptied_while_it_waited_goes_on() -> None:
+    """Two workers wake for the same work and both wait `max_delay`; the first takes it all, and
+    the second must find the queue empty without failing (a dead worker is restarted, logged as
+    an error and counted)."""
+    runner = RecordingRunner()
+    policy = BatchPolicy(workers=2, max_delay=0.01, gather=0.05)
+    batcher = Batcher(runner, policy)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        await asyncio.gather(*batcher.submit_many([seq(2), seq(2)]))  # under load from here
+        await asyncio.gather(*batcher.submit_many([seq(3)] * 4))
+        await asyncio.sleep(0.1)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert sum(map(len, runner.batches)) == 6
+    assert batcher.stats.restarts == 0
