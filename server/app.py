@@ -15,17 +15,15 @@ from rnnserve.server.interceptors import MalformedRequestInterceptor
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
 from rnnserve.server.security import server_credentials, token_interceptor
-from rnnserve.server.servicer import InferenceServicer
+from rnnserve.server.servicer import SERVICE, InferenceServicer
 from rnnserve.server.session_service import SessionService
 from rnnserve.server.sessions import MemorySessionStore, Session
 from rnnserve.server.settings import Settings
 from rnnserve.server.warmup import warm_front_door
-from rnnserve.v1 import inference_pb2 as pb
 from rnnserve.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -95,7 +93,9 @@ class Server:
             servicer = InferenceServicer(self.repository, self.sessions, Metrics(), s)
             await warm_front_door(servicer, self.repository.served())
         limit = s.max_message_mb * 1024 * 1024
-        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            MalformedRequestInterceptor(self.servicer.malformed)
+        ]
         if s.token_file or s.tokens:
             interceptors.insert(0, token_interceptor(s))
         server = grpc.aio.server(

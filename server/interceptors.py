@@ -3,7 +3,7 @@ instead of gRPC's default UNKNOWN status with a Python exception name."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -38,11 +38,17 @@ def _expected_name(method: str) -> str:
     return f"the request of {service}/{name}"
 
 
+# Told of a malformed unary request (full method name, context, message) before it is refused;
+# returns the trailing metadata to send with the refusal. Streams refuse inside their handler.
+OnMalformed = Callable[[str, grpc.aio.ServicerContext, str], Sequence[tuple[str, str]]]
+
+
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     """Wraps each method's handler once (the registered handlers do not change)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_malformed: OnMalformed | None = None) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._on_malformed = on_malformed
 
     async def intercept_service(
         self,
@@ -54,11 +60,15 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             handler = await continuation(details)
             if handler is None:
                 return handler
-            wrapped = self._wrapped[details.method] = _wrap(handler, details.method)
+            wrapped = self._wrapped[details.method] = _wrap(
+                handler, details.method, self._on_malformed
+            )
         return wrapped
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def _wrap(
+    handler: grpc.RpcMethodHandler, method: str, on_malformed: OnMalformed | None
+) -> grpc.RpcMethodHandler:
     if handler.request_deserializer is None:
         return handler
     expected = _expected_name(method)
@@ -69,7 +79,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, _Malformed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
+                message = request.message()
+                trailer = on_malformed(method, context, message) if on_malformed else ()
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message, tuple(trailer))
             return await behavior(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary, **serdes)

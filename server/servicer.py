@@ -50,6 +50,7 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 REQUEST_ID = "x-request-id"
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
 def _retry_hint(exc: BaseException) -> tuple[tuple[str, str], ...]:
@@ -207,6 +208,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await context.abort(code, message, trailing_metadata=trailer + _retry_hint(exc))
         finally:
             call.done()
+
+    def malformed(
+        self, method: str, context: grpc.aio.ServicerContext, message: str
+    ) -> tuple[tuple[str, str], ...]:
+        """A unary request that did not parse (refused by the interceptor): counted and logged
+        like any failed call, and its request id sent back."""
+        if not method.startswith(f"/{SERVICE}/"):
+            return ()  # health and reflection: not rnnserve's calls
+        call = _Call(self.metrics, method.rpartition("/")[2], request_id_of(context))
+        call.code, call.message = grpc.StatusCode.INVALID_ARGUMENT, message
+        call.done()
+        return ((REQUEST_ID, call.request_id),)
 
     # ---- prediction ----
 

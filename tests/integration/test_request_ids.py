@@ -14,6 +14,7 @@ import pytest
 from rnnserve.client.tensors import to_tensor
 from rnnserve.server import servicer
 from rnnserve.server.logs import Throttle
+from rnnserve.server.metrics import UNKNOWN_MODEL
 from rnnserve.v1 import inference_pb2 as pb
 from rnnserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -67,6 +68,38 @@ def test_a_failed_call_carries_its_id_and_the_log_line_names_it(
     lines = [r.getMessage() for r in caplog.records if "failing-call-7" in r.getMessage()]
     assert lines, [r.getMessage() for r in caplog.records]
     assert "NOT_FOUND" in lines[0]
+
+
+def test_a_malformed_request_is_counted_logged_and_carries_its_id(
+    zoo_server: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes that do not parse are refused before any handler runs, yet like every failed call
+    they are counted, logged with their request id, and the id goes back to the caller."""
+    monkeypatch.setattr(servicer, "_THROTTLE", Throttle())
+    key = (
+        "rnnserve_requests_total",
+        (
+            ("code", "INVALID_ARGUMENT"),
+            ("method", "Predict"),
+            ("model", UNKNOWN_MODEL),
+            ("version", ""),
+        ),
+    )
+    before = zoo_server.scrape().get(key, 0.0)
+    with grpc.insecure_channel(zoo_server.target) as channel:
+        raw = channel.unary_unary("/rnnserve.v1.Inference/Predict")
+        with (
+            caplog.at_level(logging.INFO, logger="rnnserve.server.servicer"),
+            pytest.raises(grpc.RpcError) as failed,
+        ):
+            raw(b"\xff\xff\xff\xff", timeout=10, metadata=[("x-request-id", "garbled-3")])
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _id(failed.value.trailing_metadata()) == "garbled-3"
+    lines = [r.getMessage() for r in caplog.records if "garbled-3" in r.getMessage()]
+    assert lines, [r.getMessage() for r in caplog.records]
+    assert "INVALID_ARGUMENT" in lines[0]
+    assert "do not parse" in lines[0]
+    assert zoo_server.scrape()[key] == before + 1
 
 
 def test_a_stream_that_ends_well_carries_its_id(zoo_server: Any) -> None:
