@@ -266,10 +266,10 @@ class SessionService:
         """Sessions whose model version is not served now (a restart that loaded a newer one,
         or a model that failed to load) go to `<name>.unrestored` instead of being lost with the
         snapshot: served again with that version loaded (`--session-snapshot` naming the file),
-        they come back."""
+        they come back. Appended, so that a second such restart does not lose the first's."""
         aside = path.with_name(path.name + ".unrestored")
         try:
-            with aside.open("wb") as out:
+            with aside.open("ab") as out:
                 for state in refused:
                     _write_record(out, state.SerializeToString())
         except OSError as exc:
