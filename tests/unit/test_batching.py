@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from rnnserve.server.batching import MAX_CRASHES, Batcher, BatchPolicy
-from rnnserve.server.errors import DeadlineExceeded, InferenceFailed, ResourceExhausted
+from rnnserve.server.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    ResourceExhausted,
+    Unavailable,
+)
 from rnnserve.server.runner import RowResult
 
 
@@ -318,3 +323,19 @@ def test_a_worker_that_finds_the_queue_emptied_while_it_waited_goes_on() -> None
     asyncio.run(main())
     assert sum(map(len, runner.batches)) == 6
     assert batcher.stats.restarts == 0
+
+
+def test_a_closed_batcher_refuses_new_work_as_unavailable() -> None:
+    """A version that unloads finishes what it queued, then refuses (UNAVAILABLE: another
+    version or replica can take it; the client retries)."""
+    runner = RecordingRunner()
+    batcher = Batcher(runner, BatchPolicy(), name="m:1")  # type: ignore[arg-type]
+
+    async def main() -> None:
+        await batcher.submit_nowait(seq(3))
+        await batcher.close()
+        with pytest.raises(Unavailable, match="model m:1 is shutting down"):
+            batcher.submit_nowait(seq(3))
+
+    asyncio.run(main())
+    assert runner.batches == [[3]]
