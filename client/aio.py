@@ -26,6 +26,7 @@ from rnnserve.client.connection import (
     TLS,
     RetryPolicy,
     chunk,
+    for_opening,
     metadata,
     predict_request,
     remaining,
@@ -147,7 +148,8 @@ class AsyncClient:
         request = pb.OpenSessionRequest(
             model_name=model, model_version=version, session_id=session_id
         )
-        return session_info(await self._call(self.stub.OpenSession, request, None, self.retry))
+        retry = for_opening(self.retry)
+        return session_info(await self._call(self.stub.OpenSession, request, None, retry))
 
     async def step(
         self,

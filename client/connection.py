@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -59,6 +59,13 @@ class RetryPolicy:
 
 DEFAULT_RETRY = RetryPolicy()
 NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def for_opening(policy: RetryPolicy) -> RetryPolicy:
+    """Opening a session is not idempotent: after UNAVAILABLE the server may have created it and
+    the answer been lost, and a retry would leave that one orphaned (until its idle TTL) or
+    collide with the id asked for. Only refusals that prove nothing was created are retried."""
+    return replace(policy, codes=policy.codes - {grpc.StatusCode.UNAVAILABLE})
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from rnnserve.client.connection import (
     TLS,
     RetryPolicy,
     chunk,
+    for_opening,
     metadata,
     predict_request,
     remaining,
@@ -154,7 +155,8 @@ class Client:
         request = pb.OpenSessionRequest(
             model_name=model, model_version=version, session_id=session_id
         )
-        return session_info(self._call(self.stub.OpenSession, request, None, self.retry))
+        retry = for_opening(self.retry)
+        return session_info(self._call(self.stub.OpenSession, request, None, retry))
 
     def step(
         self,
