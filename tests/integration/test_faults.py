@@ -99,7 +99,7 @@ def test_a_worker_killed_mid_batch_is_replaced_and_loses_nothing(
     lstm = (("model", "lstm_masked"), ("version", "1"))
     assert server.scrape()[("rnnserve_worker_restarts_total", lstm)] == 1
     assert len(results) == len(xs)
-    for x, p in zip(xs[:4], results, strict=False):
+    for x, p in zip(xs, results, strict=True):
         np.testing.assert_allclose(p.output.sequence, reference(x)[0], atol=1e-5, rtol=0)
 
 
@@ -112,13 +112,23 @@ def test_expired_and_cancelled_requests_are_never_computed(
     heavy = [rng.normal(size=(20000, zoo.D)).astype(np.float32) for _ in range(16)]
     marker = rng.normal(size=(77, zoo.D)).astype(np.float32)  # a length nothing else has
 
+    batcher = server.call(lambda: server.server.repository.resolve("lstm_masked").batcher)
+
+    def until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 60
+        while not server.call(condition):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+
     async def main() -> Any:
         async with AsyncClient(server.target, retry=NO_RETRY, timeout=120) as client:
             busy = asyncio.ensure_future(client.predict("lstm_masked", heavy))
-            await asyncio.sleep(0.5)  # the model is busy with the heavy request (seconds)
+            # The model is busy with the heavy request (seconds), the rest of it queued.
+            await asyncio.to_thread(until, lambda: batcher._in_flight > 0)
+            queued = server.call(lambda: batcher.queue_depth)
             late = client.predict("lstm_masked", [marker], timeout=0.2)
             doomed = asyncio.ensure_future(client.predict("lstm_masked", [marker]))
-            await asyncio.sleep(0.1)
+            await asyncio.to_thread(until, lambda: batcher.queue_depth > queued)
             doomed.cancel()
             expired = await asyncio.gather(late, return_exceptions=True)
             await busy

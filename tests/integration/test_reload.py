@@ -162,7 +162,9 @@ def test_a_broken_model_config_keeps_what_the_model_serves(
             "config reported", lambda: "not valid JSON" in _states(client, "m").get(0, ("", ""))[1]
         )
         shutil.copytree(source / "collapse_then_dense" / "1", root / "m" / "2")
-        time.sleep(1.0)  # five scans
+        # Another model added now: once it serves, a scan has seen m's version 2 too.
+        shutil.copytree(source / "lstm_masked" / "1", root / "other" / "1")
+        _wait("a later scan", lambda: _states(client, "other").get(1, ("",))[0] == "READY")
         assert _states(client, "m")[1][0] == "READY"
         assert 2 not in _states(client, "m")
         served_before = load.versions[1]
