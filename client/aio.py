@@ -25,6 +25,7 @@ from rnnserve.client.connection import (
     NO_RETRY,
     TLS,
     RetryPolicy,
+    check_open,
     chunk,
     for_opening,
     metadata,
@@ -207,6 +208,7 @@ class AsyncSession:
         )
         self._timeout = timeout
         self._call: Any = None
+        self._open = False
         self.id = ""
         self.steps = 0
         self.info: SessionInfo | None = None
@@ -215,28 +217,52 @@ class AsyncSession:
         self._call = self._client.stub.Stream(
             timeout=self._timeout, metadata=self._client._metadata
         )
-        await self._call.write(self._open_message)
-        opened = (await self._call.read()).opened
+        try:
+            await self._call.write(self._open_message)
+            opened = (await self._call.read()).opened
+        except BaseException:
+            self._abort()
+            raise
         self.info = session_info(opened)
         self.id, self.steps = opened.session_id, opened.steps
+        self._open = True
         return self
 
     async def send(self, data: ArrayLike) -> StepResult:
-        await self._call.write(pb.StreamRequest(chunk=chunk(data, self.steps)))
-        result = step_result((await self._call.read()).step)
+        """Stream one chunk ([T, D] or [T], any T >= 1); returns its outputs. An error after
+        the chunk went out ends the stream (the server has ended it, or it is out of step)."""
+        check_open(self._open, self.id)
+        message = pb.StreamRequest(chunk=chunk(data, self.steps))
+        try:
+            await self._call.write(message)
+            result = step_result((await self._call.read()).step)
+        except BaseException:
+            self._abort()
+            raise
         self.steps = result.total_steps
         return result
 
+    def _abort(self) -> None:
+        """Cancel the stream; the session stays on the server."""
+        self._open = False
+        if self._call is not None:
+            self._call.cancel()
+
     async def close(self) -> None:
-        await self._call.write(pb.StreamRequest(close=True))
-        await self._call.read()
-        await self._call.done_writing()
+        """End the session on the server and the stream (nothing once the stream has ended)."""
+        if self._open:
+            self._open = False
+            await self._call.write(pb.StreamRequest(close=True))
+            await self._call.read()
+            await self._call.done_writing()
 
     async def detach(self) -> str:
         """End the stream but keep the session on the server; returns its id for resuming."""
-        await self._call.done_writing()
-        while await self._call.read() is not grpc.aio.EOF:
-            pass
+        if self._open:
+            self._open = False
+            await self._call.done_writing()
+            while await self._call.read() is not grpc.aio.EOF:
+                pass
         return self.id
 
     async def __aenter__(self) -> AsyncSession:
@@ -246,4 +272,4 @@ class AsyncSession:
         if exc_type is None:
             await self.close()
         else:
-            self._call.cancel()
+            self._abort()

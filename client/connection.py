@@ -146,6 +146,15 @@ def predict_request(
     )
 
 
+def check_open(is_open: bool, session_id: str) -> None:
+    """A session's stream that has ended takes no more chunks: say so, and how to go on."""
+    if not is_open:
+        raise RuntimeError(
+            f"the stream of session {session_id or '(not opened)'} has ended; resume the session "
+            "with client.session(session_id=...)"
+        )
+
+
 def chunk(data: ArrayLike, offset: int | None) -> pb.Chunk:
     message = pb.Chunk(data=to_tensor(as_sequence(data)))
     if offset is not None:

@@ -29,6 +29,7 @@ from rnnserve.client.connection import (
     NO_RETRY,
     TLS,
     RetryPolicy,
+    check_open,
     chunk,
     for_opening,
     metadata,
@@ -192,7 +193,9 @@ class Client:
 
 class Session:
     """One session on one bidirectional stream. Use as a context manager: leaving the block
-    closes the session; `detach()` instead leaves it open on the server to resume later."""
+    normally closes the session; leaving it with an exception (or after an error in `send`)
+    only ends the stream, and the session stays on the server to resume (until its idle TTL);
+    `detach()` ends the stream on purpose, for the same."""
 
     def __init__(
         self,
@@ -237,6 +240,7 @@ class Session:
     def send(self, data: ArrayLike) -> StepResult:
         """Stream one chunk ([T, D] or [T], any T >= 1); returns its outputs. An error after
         the chunk went out ends the stream (the server has ended it, or it is out of step)."""
+        check_open(self._open, self.id)
         self._requests.put(pb.StreamRequest(chunk=chunk(data, self.steps)))
         try:
             result = step_result(next(self._responses).step)

@@ -230,3 +230,34 @@ def test_a_chunk_whose_stream_is_cancelled_counts_as_cancelled(
         assert time.monotonic() < deadline, "the cancelled chunk was not counted as CANCELLED"
         time.sleep(0.05)
     assert chunks("OK") == 0
+
+
+def test_both_clients_end_a_session_stream_the_same_way_after_an_error(zoo_server: Any) -> None:
+    """A refused chunk ends the stream, not the session: leaving the block then raises nothing
+    more, a further send says the stream has ended, and the session resumes by id. The blocking
+    and the asyncio client alike."""
+    wrong = np.ones((3, zoo.D + 1), np.float32)
+    good = _x(4, 5)
+
+    with Client(zoo_server.target) as client:
+        with client.session(MODEL) as session:
+            with pytest.raises(grpc.RpcError) as refused:
+                session.send(wrong)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(RuntimeError, match="has ended; resume the session"):
+                session.send(good)
+        with client.session(session_id=session.id) as resumed:
+            assert resumed.send(good).total_steps == 4
+
+    async def main() -> int:
+        async with AsyncClient(zoo_server.target) as client:
+            async with client.session(MODEL) as session:
+                with pytest.raises(grpc.RpcError) as refused:
+                    await session.send(wrong)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                with pytest.raises(RuntimeError, match="has ended; resume the session"):
+                    await session.send(good)
+            async with client.session(session_id=session.id) as resumed:
+                return (await resumed.send(good)).total_steps
+
+    assert asyncio.run(main()) == 4
