@@ -211,7 +211,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return int(args.func(args))
+    import grpc
+
+    try:
+        return int(args.func(args))
+    except grpc.RpcError as err:  # a refusal is an answer: its status and message, no traceback
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

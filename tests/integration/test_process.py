@@ -342,3 +342,14 @@ def test_health_gives_up_after_its_timeout(capsys: pytest.CaptureFixture[str]) -
     assert code == 1
     assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
     assert took < 3.0  # the built-in default is 5 s
+
+
+def test_client_commands_report_a_refusal_without_a_traceback(
+    zoo_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rnnserve.server.cli import main
+
+    assert main(["metadata", "no_such_model", "--target", zoo_server.target]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: NOT_FOUND: model 'no_such_model' is not served")
+    assert "Traceback" not in err
