@@ -118,6 +118,5 @@ def check_request_size(
 
 
 def decode_request(spec: InputSpec, tensors: Sequence[pb.Tensor]) -> list[np.ndarray]:
-    if len(tensors) == 1:
-        return [decode_sequence(spec, tensors[0], "sequence 0")]
+    """Every sequence of a request that passed `check_request_size`."""
     return [decode_sequence(spec, t, f"sequence {i}") for i, t in enumerate(tensors)]

@@ -293,6 +293,15 @@ def test_a_causal_model_without_recurrent_layers_streams_with_no_state(
     assert results[-1].total_steps == 40
 
 
+def _serving_one_session(serve: Any, root: Path, snapshot: Path) -> tuple[RunningServer, Any]:
+    """A server of `root` saving sessions to `snapshot`, with one gru_steps session 4 steps in."""
+    server = serve(model_dir=str(root), session_snapshot=str(snapshot), warmup=False)
+    with Client(server.target) as client:
+        session = client.open_session("gru_steps")
+        client.step(session.session_id, np.ones((4, zoo.D), np.float32))
+    return server, session
+
+
 def test_sessions_of_a_version_not_served_after_a_restart_are_kept_aside(
     serve: Any, zoo_repository: Any, tmp_path: Path
 ) -> None:
@@ -303,10 +312,7 @@ def test_sessions_of_a_version_not_served_after_a_restart_are_kept_aside(
     model = root / "gru_steps"
     snapshot = tmp_path / "sessions.bin"
     aside = tmp_path / "sessions.bin.unrestored"
-    server = serve(model_dir=str(root), session_snapshot=str(snapshot), warmup=False)
-    with Client(server.target) as client:
-        session = client.open_session("gru_steps")
-        client.step(session.session_id, np.ones((4, zoo.D), np.float32))
+    server, session = _serving_one_session(serve, root, snapshot)
     server.stop()
     shutil.move(model / "1", model / "2")
     server = serve(model_dir=str(root), session_snapshot=str(snapshot), warmup=False)
@@ -328,10 +334,7 @@ def test_a_snapshot_that_cannot_be_written_does_not_stop_the_shutdown(
 ) -> None:
     root = zoo.subset(zoo_repository[0], ["gru_steps"], tmp_path / "models")
     snapshot = tmp_path / "no-such-dir" / "sessions.bin"
-    server = serve(model_dir=str(root), session_snapshot=str(snapshot), warmup=False)
-    with Client(server.target) as client:
-        session = client.open_session("gru_steps")
-        client.step(session.session_id, np.ones((4, zoo.D), np.float32))
+    server, _ = _serving_one_session(serve, root, snapshot)
     ports = (server.server.port, server.server.metrics_port)
     server.stop()
     assert "could not save sessions" in caplog.text
@@ -346,10 +349,7 @@ def test_a_restart_that_fails_keeps_the_snapshot(
 ) -> None:
     root = zoo.subset(zoo_repository[0], ["gru_steps"], tmp_path / "models")
     snapshot = tmp_path / "sessions.bin"
-    server = serve(model_dir=str(root), session_snapshot=str(snapshot), warmup=False)
-    with Client(server.target) as client:
-        session = client.open_session("gru_steps")
-        client.step(session.session_id, np.ones((4, zoo.D), np.float32))
+    server, session = _serving_one_session(serve, root, snapshot)
     server.stop()
     saved = snapshot.read_bytes()
     with socket.socket() as taken:  # the metrics port is busy (the old process still has it)
