@@ -68,6 +68,7 @@ class Server:
     def _session_ended(self, session: Session, reason: str) -> None:
         self.metrics.session_ends.labels(reason).inc()
         self.sessions.unpin(session)
+        self.servicer.session_ended(session.id)
 
     def _model_event(self, name: str, version: int, event: str, seconds: float | None) -> None:
         self.metrics.model_event(name, version, event, seconds)

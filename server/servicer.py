@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from rnnserve.server.errors import InvalidInput, ServeError, Unavailable, status_of
+from rnnserve.server.errors import InvalidInput, NotFound, ServeError, Unavailable, status_of
 from rnnserve.server.inputs import check_request_size, decode_request
 from rnnserve.server.logs import Throttle
 from rnnserve.server.metrics import UNKNOWN_MODEL, Metrics
@@ -159,36 +159,53 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.metrics = metrics
         self.settings = settings
         self.draining = False
-        self._waiting: set[asyncio.Task[Any]] = set()  # streams waiting for their next message
-        self._ended: set[asyncio.Task[Any]] = set()  # of those, the ones ended by drain()
+        # Streams waiting for their next message, with their session's id ("" before `open`);
+        # of those, the ones ended from outside (drain, their session ended), with the error.
+        self._waiting: dict[asyncio.Task[Any], str] = {}
+        self._ended: dict[asyncio.Task[Any], ServeError] = {}
 
     def drain(self) -> None:
         """Refuse new work from now on, and end the streams that wait for their next message
         (UNAVAILABLE; their sessions stay and can be resumed): a stream held open between chunks
         would otherwise hold up shutdown for the whole grace period."""
         self.draining = True
-        for task in self._waiting:
-            self._ended.add(task)
+        for task, session_id in list(self._waiting.items()):
+            resume = f"; resume session {session_id} later" if session_id else ""
+            self._end_stream(task, Unavailable(f"server is shutting down{resume}"))
+
+    def session_ended(self, session_id: str) -> None:
+        """End the stream that waits for the next chunk of a session that has just ended (expired,
+        evicted, closed by another call, its version unloaded): NOT_FOUND saying why. Without
+        this, a client that went quiet without ending its stream would hold the call open."""
+        for task, waiting_for in list(self._waiting.items()):
+            if waiting_for == session_id:
+                self._end_stream(task, NotFound(self.sessions.store.why_missing(session_id)))
+
+    def _end_stream(self, task: asyncio.Task[Any], error: ServeError) -> None:
+        if task not in self._ended:
+            self._ended[task] = error
             task.cancel()
 
     async def _next(self, requests: AsyncIterator[Any], session_id: str) -> Any:
-        """The stream's next message (None at its end), unless the server drains first."""
-        resume = f"; resume session {session_id} later" if session_id else ""
+        """The stream's next message (None at its end), unless the server drains or the session
+        ends first."""
         if self.draining:
+            resume = f"; resume session {session_id} later" if session_id else ""
             raise Unavailable(f"server is shutting down{resume}")
         task = asyncio.current_task()
         assert task is not None
-        self._waiting.add(task)
+        self._waiting[task] = session_id
         try:
             return await anext(requests, None)
         except asyncio.CancelledError:
-            if task not in self._ended:
+            error = self._ended.get(task)
+            if error is None:
                 raise
             task.uncancel()
-            raise Unavailable(f"server is shutting down{resume}") from None
+            raise error from None
         finally:
-            self._waiting.discard(task)
-            self._ended.discard(task)
+            self._waiting.pop(task, None)
+            self._ended.pop(task, None)
 
     async def _unary(self, method: str, context: grpc.aio.ServicerContext, body: Any) -> Any:
         call = _Call(self.metrics, method, request_id_of(context))

@@ -65,6 +65,7 @@ class SessionStore(Protocol):
     def peek(self, session_id: str) -> Session | None: ...
     def remove(self, session_id: str, reason: str = CLOSED) -> Session | None: ...
     def expire(self, now: float | None = None) -> int: ...
+    def why_missing(self, session_id: str) -> str: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[Session]: ...
 
@@ -119,7 +120,7 @@ class MemorySessionStore:
         if session is None or self._expired(session, self.now()):
             if session is not None:
                 self._end(session, EXPIRED)
-            raise NotFound(self._why_missing(session_id))
+            raise NotFound(self.why_missing(session_id))
         session.last_used = self.now()
         self._sessions.move_to_end(session_id)
         return session
@@ -164,7 +165,8 @@ class MemorySessionStore:
         if self._on_end is not None:
             self._on_end(session, reason)
 
-    def _why_missing(self, session_id: str) -> str:
+    def why_missing(self, session_id: str) -> str:
+        """Why there is no session of this id: it expired, was evicted, closed, unloaded."""
         reason = self._ended.get(session_id)
         if reason == EXPIRED:
             return f"session {session_id} expired after {self.ttl:g}s idle; open a new one"

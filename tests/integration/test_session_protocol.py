@@ -5,7 +5,10 @@ the session is left as it was: nothing of a refused chunk is applied."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +264,79 @@ def test_both_clients_end_a_session_stream_the_same_way_after_an_error(zoo_serve
                 return (await resumed.send(good)).total_steps
 
     assert asyncio.run(main()) == 4
+
+
+def test_a_stream_whose_session_ends_elsewhere_is_ended_with_the_reason(
+    zoo_repository: tuple[Path, dict[str, Any]], serve: Any, tmp_path: Path
+) -> None:
+    """A stream waiting for its next chunk does not outlive its session: when the session
+    expires (a client that went quiet, or one that never closed its stream) or another caller
+    closes it, the stream ends at once with NOT_FOUND saying why, instead of holding a call open
+    on the server until the client goes away."""
+    root, _ = zoo_repository
+    server = serve(
+        model_dir=str(zoo.subset(root, [MODEL], tmp_path / "repo")), session_ttl=0.3, warmup=False
+    )
+    finished = threading.Event()  # ends the request streams (they send `open`, then wait)
+
+    def requests() -> Iterator[pb.StreamRequest]:
+        yield pb.StreamRequest(open=pb.StreamOpen(model_name=MODEL))
+        finished.wait()
+
+    try:
+        with grpc.insecure_channel(server.target) as channel, Client(server.target) as other:
+            stub = pb_grpc.InferenceStub(channel)
+            other.list_models()  # connected before the race with the TTL below
+            for ending in ("closed", "expired"):
+                call = stub.Stream(requests(), timeout=30)
+                opened = next(call).opened
+                started = time.monotonic()
+                if ending == "closed":
+                    other.close_session(opened.session_id)
+                with pytest.raises(grpc.RpcError) as ended:
+                    next(call)
+                assert ended.value.code() == grpc.StatusCode.NOT_FOUND, ended.value
+                assert f"session {opened.session_id}" in ended.value.details()
+                assert ending in ended.value.details()
+                assert time.monotonic() - started < 10  # the TTL (0.3 s), not the call's 30 s
+    finally:
+        finished.set()
+
+
+def test_a_session_left_open_by_a_blocking_client_frees_its_thread(zoo_server: Any) -> None:
+    """gRPC reads a blocking stream's requests on a thread of its own. A `Session` dropped
+    without `close()`, or still open when its client closes, must end that thread, and the
+    session itself stays on the server to resume."""
+
+    def started(client: Client) -> tuple[Any, list[threading.Thread]]:
+        with client.session(MODEL) as first:  # the server's own threads (it runs in process)
+            first.send(_x(3, 1))
+        before = set(threading.enumerate())
+        session = client.session(MODEL)
+        session.send(_x(3, 1))
+        new = [t for t in threading.enumerate() if t not in before]
+        assert new, "no request thread started"
+        return session, new
+
+    def all_end(threads: list[threading.Thread]) -> bool:
+        for thread in threads:
+            thread.join(timeout=10)
+        return not any(thread.is_alive() for thread in threads)
+
+    with Client(zoo_server.target) as client:
+        client.list_models()  # the channel's own threads start here
+        session, threads = started(client)
+        session_id = session.id
+        del session
+        gc.collect()
+        assert all_end(threads), threads
+        with client.session(session_id=session_id) as resumed:
+            assert resumed.send(_x(2, 2)).total_steps == 5
+
+    client = Client(zoo_server.target)
+    client.list_models()
+    kept, threads = started(client)
+    client.close()
+    assert all_end(threads), threads
+    with Client(zoo_server.target) as other, other.session(session_id=kept.id) as resumed:
+        assert resumed.send(_x(2, 2)).total_steps == 5
