@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import queue
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -74,6 +75,7 @@ class Client:
         self._metadata = metadata(token)
         self.timeout = timeout
         self.retry = retry
+        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()  # their streams end on close
 
     def __enter__(self) -> Client:
         return self
@@ -82,6 +84,9 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Close the channel; the streams of sessions still open end (the sessions stay)."""
+        for session in list(self._sessions):
+            session._abort()
         self.channel.close()
 
     def _call(
@@ -220,9 +225,11 @@ class Session:
             )
         )
         # gRPC's request-consumer thread blocks in `get` until the None sentinel comes, even after
-        # the call has ended: every way out of the session puts it (`_end_requests`).
-        self._ended = False
+        # the call has ended: every way out of the session puts it (`_end_requests`), and so does
+        # a session dropped without one (the finalizer) or open when its client closes.
+        self._end_requests = weakref.finalize(self, self._requests.put, None)
         self._open = False
+        client._sessions.add(self)
         try:
             self._call = client.stub.Stream(
                 iter(self._requests.get, None), timeout=timeout, metadata=client._metadata
@@ -249,12 +256,6 @@ class Session:
             raise
         self.steps = result.total_steps
         return result
-
-    def _end_requests(self) -> None:
-        """Put the sentinel that ends the request stream and frees gRPC's consumer thread (once)."""
-        if not self._ended:
-            self._ended = True
-            self._requests.put(None)
 
     def _abort(self) -> None:
         """Cancel the stream (the session stays on the server) and free the consumer thread."""
