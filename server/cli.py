@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,10 @@ async def _run_server(settings: Any) -> int:
     return 0
 
 
-def _read_sequences(paths: Sequence[str]) -> list[np.ndarray]:
-    """.npy (one [T, D] or [T] array), .npz (one sequence per array), .csv (rows = timesteps)."""
+def _read_sequences(paths: Sequence[str], tokens: Callable[[], bool]) -> list[np.ndarray]:
+    """.npy (one [T, D] or [T] array), .npz (one sequence per array), .csv: float features with
+    one row per timestep, or, for a model that takes token ids (`tokens()`, asked only when a
+    .csv comes), the ids of one sequence in order."""
     sequences: list[np.ndarray] = []
     for name in paths:
         path = Path(name)
@@ -63,16 +66,29 @@ def _read_sequences(paths: Sequence[str]) -> list[np.ndarray]:
         elif path.suffix == ".npy":
             sequences.append(np.load(path))
         elif path.suffix == ".csv":
-            sequences.append(np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float32))
+            sequences.append(_read_csv(path, tokens()))
         else:
             raise SystemExit(f"{path}: expected a .npy, .npz or .csv file")
     return sequences
 
 
+def _read_csv(path: Path, tokens: bool) -> np.ndarray:
+    try:
+        values = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+    except ValueError as exc:
+        raise SystemExit(f"{path}: expected comma-separated numbers ({exc})") from None
+    if not tokens:
+        return values.astype(np.float32)
+    ids = values.ravel()
+    if not np.all(ids == np.round(ids)):
+        raise SystemExit(f"{path}: the model takes integer token ids; this file has fractions")
+    return ids.astype(np.int64)
+
+
 def _tls(args: argparse.Namespace) -> Any:
     from rnnserve.client import TLS
 
-    if not (args.ca or args.cert):
+    if not (args.tls or args.ca or args.cert):
         return None
     return TLS(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
 
@@ -85,8 +101,12 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    sequences = _read_sequences(args.files)
     with _client(args) as client:
+
+        def tokens() -> bool:
+            return bool(client.metadata(args.model, args.version).input_dtype.startswith("int"))
+
+        sequences = _read_sequences(args.files, functools.cache(tokens))
         predictions = client.predict(
             args.model, sequences, version=args.version, output=args.output, top_k=args.top_k
         )
@@ -160,6 +180,9 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_TARGET, help="server address host:port")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     parser.add_argument("--token", help="bearer token (or env RNNSERVE_TOKEN)")
+    parser.add_argument(
+        "--tls", action="store_true", help="use TLS, trusting the system's CAs unless --ca is given"
+    )
     parser.add_argument("--ca", help="CA certificate to verify the server (enables TLS)")
     parser.add_argument("--cert", help="client certificate for mutual TLS")
     parser.add_argument("--key", help="client private key for mutual TLS")
@@ -181,7 +204,12 @@ def parser() -> argparse.ArgumentParser:
     add_arguments(serve)
     serve.set_defaults(func=_serve)
 
-    predict = sub.add_parser("predict", help="send sequences from .npy/.npz/.csv files")
+    predict = sub.add_parser(
+        "predict",
+        help="send sequences from .npy/.npz/.csv files",
+        description="One sequence per .npy file, per array of a .npz, per .csv (float features: "
+        "a row per timestep; token ids: the ids in order). Prints one JSON line per sequence.",
+    )
     predict.add_argument("model")
     predict.add_argument("files", nargs="+")
     predict.add_argument("--version", type=int, default=0)

@@ -353,3 +353,25 @@ def test_client_commands_report_a_refusal_without_a_traceback(
     err = capsys.readouterr().err
     assert err.startswith("error: NOT_FOUND: model 'no_such_model' is not served")
     assert "Traceback" not in err
+
+
+def test_predict_reads_a_csv_as_the_model_takes_it(
+    zoo_server: Any, zoo_repository: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A .csv holds float features, one row per timestep, or, for a model that takes token ids,
+    the ids of one sequence: each is sent as the model expects (ids used to go as floats and be
+    refused)."""
+    from rnnserve.server.cli import main
+
+    ids = np.array([3, 1, 4, 1, 5, 9, 2, 6], np.int32)
+    (tmp_path / "ids.csv").write_text("3,1,4,1\n5,9,2,6\n")
+    (tmp_path / "half.csv").write_text("3,1.5\n")
+    model = "embedding_masked"
+    assert main(["predict", model, str(tmp_path / "ids.csv"), "--target", zoo_server.target]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["length"] == len(ids)
+    want = zoo.Reference(zoo_repository[1][model])(ids)[0]
+    np.testing.assert_allclose(row["label"]["sequence"], want, atol=1e-5, rtol=0)
+
+    with pytest.raises(SystemExit, match="integer token ids; this file has fractions"):
+        main(["predict", model, str(tmp_path / "half.csv"), "--target", zoo_server.target])

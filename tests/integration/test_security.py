@@ -3,6 +3,9 @@ carry code are refused unless the operator opts in."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,18 @@ def test_tls(serve: Any, one_model: str, pki: dict[str, tuple[str, str]]) -> Non
     ):
         client.predict("lstm_masked", [X], timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    # The command line: --tls trusts the system's CAs (gRPC reads them from this variable when
+    # set), so the test CA works there and nowhere else.
+    health = [str(Path(sys.executable).parent / "rnnserve"), "health", "--tls"]
+    health += ["--target", server.target, "--timeout", "5"]
+    system_roots = {**os.environ, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": pki["ca"][0]}
+    ok = subprocess.run(health, env=system_roots, capture_output=True, text=True, timeout=60)
+    assert (ok.returncode, ok.stdout.strip()) == (0, "SERVING"), ok.stderr
+    strangers = {**os.environ, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": pki["stranger"][0]}
+    refused = subprocess.run(health, env=strangers, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    assert "UNAVAILABLE" in refused.stderr
 
 
 def test_mutual_tls(serve: Any, one_model: str, pki: dict[str, tuple[str, str]]) -> None:
