@@ -27,6 +27,7 @@ from rnnserve.client.connection import (
     RetryPolicy,
     check_open,
     chunk,
+    chunk_timeout,
     for_opening,
     metadata,
     predict_request,
@@ -228,14 +229,20 @@ class AsyncSession:
         self._open = True
         return self
 
-    async def send(self, data: ArrayLike) -> StepResult:
-        """Stream one chunk ([T, D] or [T], any T >= 1); returns its outputs. An error after
-        the chunk went out ends the stream (the server has ended it, or it is out of step)."""
+    async def send(self, data: ArrayLike, *, timeout: float | None = None) -> StepResult:
+        """Stream one chunk ([T, D] or [T], any T >= 1); returns its outputs, waiting at most
+        `timeout` seconds (default: the client's timeout). An error after the chunk went out,
+        or the timeout (`TimeoutError`), ends the stream; the session stays to resume."""
         check_open(self._open, self.id)
+        timeout = self._client.timeout if timeout is None else timeout
         message = pb.StreamRequest(chunk=chunk(data, self.steps))
         try:
-            await self._call.write(message)
-            result = step_result((await self._call.read()).step)
+            async with asyncio.timeout(timeout):
+                await self._call.write(message)
+                result = step_result((await self._call.read()).step)
+        except TimeoutError as exc:
+            self._abort()
+            raise chunk_timeout(self.id, timeout) from exc
         except BaseException:
             self._abort()
             raise

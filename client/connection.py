@@ -155,6 +155,14 @@ def check_open(is_open: bool, session_id: str) -> None:
         )
 
 
+def chunk_timeout(session_id: str, timeout: float) -> TimeoutError:
+    return TimeoutError(
+        f"no answer to the chunk within {timeout:g}s; the stream of session {session_id} has "
+        "ended, resume the session with client.session(session_id=...) to go on from where the "
+        "server is"
+    )
+
+
 def chunk(data: ArrayLike, offset: int | None) -> pb.Chunk:
     message = pb.Chunk(data=to_tensor(as_sequence(data)))
     if offset is not None:

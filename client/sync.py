@@ -15,6 +15,7 @@ with Client("127.0.0.1:8500") as client:
 from __future__ import annotations
 
 import queue
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +33,7 @@ from rnnserve.client.connection import (
     RetryPolicy,
     check_open,
     chunk,
+    chunk_timeout,
     for_opening,
     metadata,
     predict_request,
@@ -228,6 +230,7 @@ class Session:
         # the call has ended: every way out of the session puts it (`_end_requests`), and so does
         # a session dropped without one (the finalizer) or open when its client closes.
         self._end_requests = weakref.finalize(self, self._requests.put, None)
+        self._client = client
         self._open = False
         client._sessions.add(self)
         try:
@@ -244,16 +247,33 @@ class Session:
         self.steps = opened.steps
         self._open = True
 
-    def send(self, data: ArrayLike) -> StepResult:
-        """Stream one chunk ([T, D] or [T], any T >= 1); returns its outputs. An error after
-        the chunk went out ends the stream (the server has ended it, or it is out of step)."""
+    def send(self, data: ArrayLike, *, timeout: float | None = None) -> StepResult:
+        """Stream one chunk ([T, D] or [T], any T >= 1); returns its outputs, waiting at most
+        `timeout` seconds (default: the client's timeout) for them. An error after the chunk
+        went out ends the stream (the server has ended it, or it is out of step); so does the
+        timeout (`TimeoutError`), and the resumed session tells how far it got."""
         check_open(self._open, self.id)
+        timeout = self._client.timeout if timeout is None else timeout
+        expired = threading.Event()
+
+        def expire() -> None:  # the blocking response iterator has no timeout of its own
+            expired.set()
+            self._call.cancel()
+
+        watchdog = None if timeout is None else threading.Timer(timeout, expire)
         self._requests.put(pb.StreamRequest(chunk=chunk(data, self.steps)))
         try:
+            if watchdog is not None:
+                watchdog.start()
             result = step_result(next(self._responses).step)
-        except BaseException:
+        except BaseException as exc:
             self._abort()
+            if timeout is not None and expired.is_set():
+                raise chunk_timeout(self.id, timeout) from exc
             raise
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
         self.steps = result.total_steps
         return result
 

@@ -5,6 +5,7 @@ the session is left as it was: nothing of a refused chunk is applied."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import threading
 import time
@@ -340,3 +341,48 @@ def test_a_session_left_open_by_a_blocking_client_frees_its_thread(zoo_server: A
     assert all_end(threads), threads
     with Client(zoo_server.target) as other, other.session(session_id=kept.id) as resumed:
         assert resumed.send(_x(2, 2)).total_steps == 5
+
+
+def test_a_chunk_without_an_answer_in_time_ends_the_stream_not_the_session(
+    zoo_repository: tuple[Path, dict[str, Any]], serve: Any, tmp_path: Path
+) -> None:
+    """`send(..., timeout=)` (by default the client's timeout) bounds the wait for a chunk's
+    answer: past it the stream ends with TimeoutError, nothing of the chunk is applied, and the
+    session resumes. The blocking and the asyncio client alike."""
+    root, _ = zoo_repository
+    server = serve(model_dir=str(zoo.subset(root, [MODEL], tmp_path / "repo")), warmup=False)
+    batcher = server.call(lambda: server.server.repository.resolve(MODEL).batcher)
+    x = _x(6, 1)
+
+    def occupied(client: Client) -> Any:
+        """The model busy with a long batch, so that a chunk waits in the queue behind it."""
+        heavy = concurrent.futures.ThreadPoolExecutor(1).submit(
+            client.predict, MODEL, [_x(4000, 3)] * 16, timeout=120
+        )
+        _wait_for(server, lambda: batcher._in_flight > 0, "busy")
+        return heavy
+
+    with Client(server.target, timeout=0.3) as client:
+        with client.session(MODEL) as session:
+            heavy = occupied(client)
+            started = time.monotonic()
+            with pytest.raises(TimeoutError, match=r"within 0\.3s; the stream of session"):
+                session.send(x)
+            assert time.monotonic() - started < 5
+            assert len(heavy.result()) == 16
+        with client.session(session_id=session.id) as resumed:
+            assert resumed.steps == 0
+            assert resumed.send(x, timeout=60).total_steps == 6
+
+    async def main() -> tuple[int, int]:
+        async with AsyncClient(server.target, timeout=0.3) as client:
+            async with client.session(MODEL) as session:
+                with Client(server.target) as other:
+                    heavy = await asyncio.to_thread(occupied, other)
+                    with pytest.raises(TimeoutError, match=r"within 0\.3s"):
+                        await session.send(x)
+                    await asyncio.to_thread(heavy.result)
+            async with client.session(session_id=session.id) as resumed:
+                return resumed.steps, (await resumed.send(x, timeout=60)).total_steps
+
+    assert asyncio.run(main()) == (0, 6)
