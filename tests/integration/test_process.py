@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from rnnserve.client import Client, RetryPolicy
 from rnnserve.client.tensors import to_tensor
@@ -81,11 +83,12 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_keeps_sessions(
 ) -> None:
     root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
     snapshot = tmp_path / "sessions.bin"
+    metrics_port = free_port()
     args = [
         "--model-dir",
         str(root),
         "--metrics-port",
-        "-1",
+        str(metrics_port),
         "--grace",
         "30",
         "--session-snapshot",
@@ -110,13 +113,10 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_keeps_sessions(
             senders = [threading.Thread(target=send) for _ in range(4)]
             for t in senders:
                 t.start()
-            time.sleep(0.5)  # all four are queued or computing
+            _wait_until_queued(metrics_port, len(senders) * len(heavy), steps=3000)
             signalled = time.monotonic()
             process.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
-            with pytest.raises(grpc.RpcError) as refused:
-                client.predict("lstm_masked", [heavy[0][:5]])
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert _refused_once_draining(client).code() == grpc.StatusCode.UNAVAILABLE
             ended = idle.end(timeout=10)
             assert ended.code() == grpc.StatusCode.UNAVAILABLE
             assert f"resume session {idle.session_id} later" in (ended.details() or "")
@@ -137,6 +137,40 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_keeps_sessions(
         assert streamed.total_steps == 35
         # Restored and serving: a crash from here on must not bring back these older states.
         assert not snapshot.exists()
+
+
+def _wait_until_queued(metrics_port: int, sequences: int, steps: int) -> None:
+    """Until every one of `sequences` heavy sequences (`steps` long) is queued or computed: the
+    queue depth plus what was computed, short by at most one batch being computed."""
+    in_one_batch = 32768 // steps  # --max-batch-timesteps (default) / steps
+    deadline = time.monotonic() + 60
+    while True:
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            samples = {
+                s.name: s.value
+                for family in text_string_to_metric_families(response.read().decode())
+                for s in family.samples
+            }
+        queued = samples.get("rnnserve_queue_depth", 0)
+        computed = samples.get("rnnserve_real_timesteps_total", 0) // steps
+        if queued + computed >= sequences - in_one_batch:
+            return
+        assert time.monotonic() < deadline, f"only {queued} queued and {computed} computed"
+        time.sleep(0.05)
+
+
+def _refused_once_draining(client: Client) -> grpc.RpcError:
+    """The first refusal after SIGTERM: a probe that got in before the server began to drain
+    waits behind the heavy work and runs out of its short deadline; the next one is sent."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            client.predict("lstm_masked", [np.ones((5, zoo.D), np.float32)], timeout=0.3)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                return err
+    raise AssertionError("no refusal within 30 s of SIGTERM")
 
 
 class IdleStream:
