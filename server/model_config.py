@@ -10,7 +10,8 @@
   "version_policy": {"latest": 1}
 }
 ```
-`version_policy` (model level only) is `{"latest": N}`, `{"all": true}` or `{"versions": [1, 3]}`.
+`version_policy` (model level only) is `{"latest": N}`, `{"all": true}` or `{"versions": [1, 3]}`
+(not empty). Batching counts are positive integers, its `_ms` keys milliseconds >= 0.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from typing import Any
 
 CONFIG_FILE = "config.json"
 _KEYS = {"description", "max_length", "outputs", "batching", "version_policy"}
+# Each batching key: whether it counts something (a positive integer) or is milliseconds (>= 0).
 _BATCHING_KEYS = {
-    "max_batch_size",
-    "max_batch_timesteps",
-    "max_delay_ms",
-    "gather_ms",
-    "max_queue",
-    "workers",
+    "max_batch_size": int,
+    "max_batch_timesteps": int,
+    "max_delay_ms": float,
+    "gather_ms": float,
+    "max_queue": int,
+    "workers": int,
 }
 
 
@@ -79,15 +81,19 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no number
+
+
 def _policy(raw: Any, where: Path) -> VersionPolicy:
     if not isinstance(raw, dict) or len(raw) != 1:
         raise ConfigError(f"{where}: version_policy must be one of latest / all / versions")
     ((key, value),) = raw.items()
-    if key == "latest" and isinstance(value, int) and value >= 1:
+    if key == "latest" and _is_int(value) and value >= 1:
         return VersionPolicy(latest=value)
     if key == "all" and value is True:
         return VersionPolicy(latest=None, all=True)
-    if key == "versions" and isinstance(value, list) and all(isinstance(v, int) for v in value):
+    if key == "versions" and isinstance(value, list) and value and all(map(_is_int, value)):
         return VersionPolicy(latest=None, versions=tuple(value))
     raise ConfigError(f"{where}: bad version_policy {raw!r}")
 
@@ -107,18 +113,27 @@ def read_config(model_dir: Path, version_dir: Path) -> ModelConfig:
         )
     merged = {**model_level, **version_level}
     batching = {**model_level.get("batching", {}), **version_level.get("batching", {})}
-    unknown = set(batching) - _BATCHING_KEYS
+    unknown = set(batching) - set(_BATCHING_KEYS)
     if unknown:
         raise ConfigError(
             f"batching: unknown keys {sorted(unknown)}; expected {sorted(_BATCHING_KEYS)}"
         )
+    for key, value in batching.items():
+        if _BATCHING_KEYS[key] is int and not (_is_int(value) and value >= 1):
+            raise ConfigError(f"batching.{key} must be a positive integer, got {value!r}")
+        if _BATCHING_KEYS[key] is float and not (
+            isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+        ):
+            raise ConfigError(
+                f"batching.{key} must be a number of milliseconds >= 0, got {value!r}"
+            )
     labels: dict[str, tuple[str, ...]] = {}
     for name, spec in merged.get("outputs", {}).items():
         if not isinstance(spec, dict) or not isinstance(spec.get("labels", []), list):
             raise ConfigError(f'outputs.{name}: expected {{"labels": [...]}}')
         labels[name] = tuple(str(label) for label in spec.get("labels", []))
     max_length = merged.get("max_length")
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+    if max_length is not None and (not _is_int(max_length) or max_length < 1):
         raise ConfigError(f"max_length must be a positive integer, got {max_length!r}")
     return ModelConfig(
         description=str(merged.get("description", "")),

@@ -30,36 +30,42 @@ def _setting(default: Any, help: str, **kw: Any) -> Any:
 @dataclass(frozen=True)
 class Settings:
     host: str = _setting("127.0.0.1", "address to bind (0.0.0.0 to listen on every interface)")
-    port: int = _setting(8500, "gRPC port (0 picks a free one)")
+    port: int = _setting(8500, "gRPC port (0 picks a free one)", low=0, high=65535)
     model_dir: str = _setting(_default_model_dir(), "model repository: <dir>/<name>/<version>/")
-    metrics_port: int = _setting(8501, "Prometheus /metrics HTTP port (-1 disables, 0 picks one)")
+    metrics_port: int = _setting(
+        8501, "Prometheus /metrics HTTP port (-1 disables, 0 picks one)", low=-1, high=65535
+    )
     metrics_host: str = _setting("", "address for /metrics (default: same as --host)")
     # Batching defaults; a model's config.json may override them.
-    max_batch_size: int = _setting(64, "most sequences in one batch")
+    max_batch_size: int = _setting(64, "most sequences in one batch", low=1)
     max_batch_timesteps: int = _setting(
-        32768, "most padded timesteps in one batch (rows x longest)"
+        32768, "most padded timesteps in one batch (rows x longest)", low=1
     )
-    max_delay_ms: float = _setting(0.0, "wait up to this long for a fuller batch when idle")
+    max_delay_ms: float = _setting(0.0, "wait up to this long for a fuller batch when idle", low=0)
     gather_ms: float = _setting(
         10.0,
         "under load (the last batch held several sequences), wait up to this long for a fuller "
         "batch while sequences keep arriving; 0 turns it off",
+        low=0,
     )
-    max_queue: int = _setting(4096, "most sequences waiting per model version")
-    workers: int = _setting(1, "batches computed at the same time per model version")
+    max_queue: int = _setting(4096, "most sequences waiting per model version", low=1)
+    workers: int = _setting(1, "batches computed at the same time per model version", low=1)
     # Request limits.
-    max_length: int = _setting(100_000, "most timesteps in one sequence (models may set less)")
-    max_sequences: int = _setting(1024, "most sequences in one Predict request")
-    max_request_timesteps: int = _setting(1_000_000, "most timesteps in one request, summed")
-    max_message_mb: int = _setting(64, "largest gRPC message, in MiB")
+    max_length: int = _setting(
+        100_000, "most timesteps in one sequence (models may set less)", low=1
+    )
+    max_sequences: int = _setting(1024, "most sequences in one Predict request", low=1)
+    max_request_timesteps: int = _setting(1_000_000, "most timesteps in one request, summed", low=1)
+    max_message_mb: int = _setting(64, "largest gRPC message, in MiB", low=1)
     max_pending_rpcs: int = _setting(
         256,
         "calls arrived but not yet taken up by the server; beyond it gRPC sheds new ones "
         "(more and more up to 4x, then all) so that an overloaded server answers fast",
+        low=1,
     )
     # Sessions.
-    session_ttl: float = _setting(600.0, "seconds of idleness before a session is evicted")
-    max_sessions: int = _setting(100_000, "most open sessions")
+    session_ttl: float = _setting(600.0, "seconds of idleness before a session is evicted", above=0)
+    max_sessions: int = _setting(100_000, "most open sessions", low=1)
     session_overflow: str = _setting(
         "evict",
         "when max_sessions is reached: evict the least recently used, or refuse",
@@ -69,14 +75,18 @@ class Settings:
         "", "file to save sessions to on shutdown and restore at start"
     )
     # Models.
-    poll_interval: float = _setting(0.0, "seconds between model repository scans (0: no reload)")
+    poll_interval: float = _setting(
+        0.0, "seconds between model repository scans (0: no reload)", low=0
+    )
     allow_code: bool = _setting(False, "load models that carry code (Lambda layers, unsafe mode)")
     warmup: bool = _setting(
         True, "compile XLA for typical shapes before a model takes traffic (slower start)"
     )
     xla: bool = _setting(True, "run batches through XLA programs compiled per shape bucket")
     # Operations.
-    grace: float = _setting(20.0, "seconds to finish in-flight work on SIGTERM before exiting")
+    grace: float = _setting(
+        20.0, "seconds to finish in-flight work on SIGTERM before exiting", low=0
+    )
     log_format: str = _setting("text", "log format", choices=("text", "json"))
     log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))
     # Security.
@@ -98,6 +108,10 @@ def _fields() -> list[dataclasses.Field[Any]]:
 def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
     kind: type[Any] = type(f.default)
     try:
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # TOML's true is not a number
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)  # 32.9 is no count of anything
         if kind is bool and isinstance(value, str):
             lowered = value.strip().lower()
             if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
@@ -110,6 +124,12 @@ def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
     choices = f.metadata.get("choices")
     if choices and result not in choices:
         raise SystemExit(f"{source}: {f.name} must be one of {', '.join(choices)}, got {value!r}")
+    low, high, above = (f.metadata.get(k) for k in ("low", "high", "above"))
+    if (low is not None and result < low) or (high is not None and result > high):
+        within = f"at least {low}" if high is None else f"from {low} to {high}"
+        raise SystemExit(f"{source}: {f.name} must be {within}, got {value!r}")
+    if above is not None and result <= above:
+        raise SystemExit(f"{source}: {f.name} must be more than {above}, got {value!r}")
     return result
 
 

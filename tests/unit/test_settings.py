@@ -51,3 +51,28 @@ def test_readme_documents_every_setting() -> None:
     for name in Settings.__dataclass_fields__:
         assert f"`--{name.replace('_', '-')}`" in readme, f"README lacks --{name}"
         assert f"`RNNSERVE_{name.upper()}`" in readme
+
+
+def test_values_out_of_range_are_refused_at_start(tmp_path: Path) -> None:
+    """A zero or negative count, port or time would fail later and far from its cause (every
+    model failing to load, every call refused, every session expired at once): refused here,
+    naming the setting."""
+    for flags, message in [
+        ({"workers": "0"}, "--workers: workers must be at least 1, got '0'"),
+        ({"max_queue": "0"}, "max_queue must be at least 1"),
+        ({"max_message_mb": "0"}, "max_message_mb must be at least 1"),
+        ({"session_ttl": "0"}, "session_ttl must be more than 0"),
+        ({"grace": "-3"}, "grace must be at least 0"),
+        ({"metrics_port": "-7"}, "metrics_port must be from -1 to 65535"),
+        ({"port": "70000"}, "port must be from 0 to 65535"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            settings_mod.load(flags, env={})
+    assert settings_mod.load({"metrics_port": "-1", "grace": "0"}, env={}).metrics_port == -1
+    config = tmp_path / "c.toml"
+    for line in ("max_batch_size = 32.9", "workers = true"):
+        config.write_text(line + "\n")
+        with pytest.raises(SystemExit, match="expects int"):
+            settings_mod.load({"config": str(config)}, env={})
+    config.write_text("max_batch_size = 32.0\n")
+    assert settings_mod.load({"config": str(config)}, env={}).max_batch_size == 32
