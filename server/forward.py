@@ -334,14 +334,21 @@ class Forward:
     ) -> Any:
         if step.role is Role.RECURRENT:
             first, count = step.state_start, step.state_count
+            step_mask = _and(mask, length_mask)
             sequence, *final = step.layer(
                 arg,
-                mask=_and(mask, length_mask),
+                mask=step_mask,
                 initial_state=list(states[first : first + count]),
                 training=False,
             )
             new_states[first : first + count] = final
-            return sequence
+            if getattr(step.layer, "zero_output_for_mask", False):
+                return sequence
+            # A masked step repeats the previous output, which Keras starts at zero in every
+            # call; in a session's chunk it is the carried h (the output of LSTM, GRU and
+            # SimpleRNN alike), which is what one whole run gives before the first real step.
+            seen = tf.cumsum(tf.cast(step_mask, tf.int32), axis=1) > 0
+            return tf.where(seen[..., None], sequence, states[first][:, None, :])
         if step.role is Role.MASKED_RECURRENT:
             return step.layer(arg, mask=_and(mask, length_mask), training=False)
         if step.role is Role.SAMPLEWISE and self.plan.mode is Mode.CAUSAL:

@@ -171,6 +171,9 @@ def _recurrent_kind(layer: Any) -> Role:
         return Role.MASKED_RECURRENT
     if type(layer.cell) not in _RECURRENT_CELLS:
         raise _Unsupported(f"recurrent cell {type(layer.cell).__name__}")
+    if layer.go_backwards and layer.return_sequences:
+        # Its outputs come in reverse time order, so padding at the end lands at their front.
+        raise _Unsupported(f"layer {layer.name} returns a sequence backwards (go_backwards)")
     return Role.MASKED_RECURRENT if layer.go_backwards else Role.RECURRENT
 
 
@@ -284,7 +287,10 @@ def build_plan(model: Any, *, allow_code: bool = False, equal_length_because: st
                 "start the server with --allow-code to serve it"
             )
     embeddings = [n.operation for n in nodes if isinstance(n.operation, keras.layers.Embedding)]
-    vocab_size = int(embeddings[0].input_dim) if dtype == "int32" and embeddings else None
+    # Every id must fit every Embedding it meets (out of range, XLA would clamp it silently).
+    vocab_size = (
+        min(int(e.input_dim) for e in embeddings) if dtype == "int32" and embeddings else None
+    )
     base = dict(
         input_key=id(inp),
         vocab_size=vocab_size,

@@ -18,7 +18,7 @@ from rnnserve.server.errors import InvalidInput
 from rnnserve.server.forward import Forward
 from rnnserve.server.inputs import InputSpec
 from rnnserve.server.model_config import ConfigError, ModelConfig
-from rnnserve.server.plan import OutputSpec, Plan, build_plan
+from rnnserve.server.plan import Mode, OutputSpec, Plan, build_plan
 from rnnserve.server.runner import ModelRunner
 from rnnserve.server.selfcheck import mismatch
 from rnnserve.server.settings import Settings
@@ -214,10 +214,17 @@ def load_version(
     def runner_for(plan: Plan) -> ModelRunner:
         return ModelRunner(Forward(plan, xla=settings.xla, max_rows=policy.max_batch_size))
 
-    runner = runner_for(plan)
-    excess = mismatch(model, runner, max_length)
-    if excess > 0:
-        why = f"self-check under padding was off by {excess:.2e}"
+    why = ""
+    try:
+        runner = runner_for(plan)
+        excess = mismatch(model, runner, max_length)
+        if excess > 0:
+            why = f"self-check under padding was off by {excess:.2e}"
+    except Exception as exc:  # a Keras behaviour the planner did not foresee
+        if plan.mode is Mode.EQUAL_LENGTH:
+            raise
+        why = f"the padded engine failed its self-check ({type(exc).__name__}: {exc})"
+    if why:
         log.warning("model %s version %d: %s; batching equal lengths only", name, version, why)
         forced = build_plan(model, allow_code=settings.allow_code, equal_length_because=why)
         plan = _with_labels(forced, config)

@@ -3,6 +3,7 @@ passing across chunks, against the model called on each sequence alone."""
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
@@ -85,6 +86,67 @@ def test_state_passing_chunks_equal_one_whole_run(xla: bool) -> None:
     np.testing.assert_allclose(last, want_label, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("xla", [False, True])
+@pytest.mark.parametrize("name", ["lstm_masked", "embedding_masked", "masked_steps"])
+def test_chunks_that_start_masked_equal_one_whole_run(name: str, xla: bool) -> None:
+    """At a masked step an RNN repeats its previous output, which Keras starts at zero in each
+    call; a chunk that starts with masked steps (zero frames, token 0), or has nothing else,
+    must answer with the carried output as one whole run does, per step and at the end."""
+    if name == "masked_steps":
+        inp = keras.Input((None, zoo.D))
+        h = keras.layers.LSTM(6, return_sequences=True)(keras.layers.Masking(0.0)(inp))
+        steps = keras.layers.Dense(2, name="steps")(h)
+        label = keras.layers.Dense(3, name="label")(keras.layers.GRU(5)(h))
+        model, tokens = keras.Model(inp, [steps, label]), False
+    else:
+        model, tokens = zoo.build(zoo.BY_NAME[name]), zoo.BY_NAME[name].tokens
+    plan = build_plan(model)
+    assert plan.mode is Mode.CAUSAL
+    forward = Forward(plan, xla=xla)
+    rng = np.random.default_rng(4)
+    x = rng.integers(1, zoo.VOCAB, 14).astype(np.int32) if tokens else rng.normal(size=(14, zoo.D))
+    x = x.astype(np.int32 if tokens else np.float32)
+    x[5:7] = 0  # the second chunk is all masked, the third starts masked
+    x[9] = 0
+    states, answers = None, []
+    for start, end in ((0, 5), (5, 7), (7, 9), (9, 14)):
+        chunk = x[start:end]
+        if xla:
+            forward.compile(*forward.shape_for(1, len(chunk)))
+        rows, steps = forward.shape_for(1, len(chunk))
+        padded, lengths = pad_batch([chunk], plan.step_shape, plan.input_dtype, steps, rows)
+        out = forward(padded, lengths, states)
+        states = out.states
+        answers.append([head[0, : len(chunk)] for head in out.heads])
+        want = zoo.Reference(model)(x[:end])
+        want = want if isinstance(want, list | tuple) else [want]
+        for got, expected, spec in zip(answers[-1], want, plan.outputs, strict=True):
+            if spec.per_step:  # this chunk's steps of the whole run
+                expected = np.asarray(expected)[start:end]
+            else:  # the answer so far, after this chunk
+                got = got[-1]
+            np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+
+
+def test_a_backwards_sequence_is_batched_by_equal_lengths_only() -> None:
+    """`go_backwards=True, return_sequences=True` returns its outputs in reverse time order, so
+    end padding would land at the front of them: the plan falls back to equal lengths (it was
+    served as exact under padding, with wrong per-step outputs for the shorter rows)."""
+    inp = keras.Input((None, zoo.D))
+    rnn = keras.layers.GRU(4, go_backwards=True, return_sequences=True)(inp)
+    model = keras.Model(inp, keras.layers.Dense(2)(rnn))
+    plan = build_plan(model)
+    assert plan.mode is Mode.EQUAL_LENGTH
+    assert "go_backwards" in plan.notes[0]
+    forward = Forward(plan, xla=False)
+    for length in (2, 6):
+        x = np.random.default_rng(length).normal(size=(length, zoo.D)).astype(np.float32)
+        padded, lengths = pad_batch([x, x], plan.step_shape, plan.input_dtype, length, 2)
+        out = forward(padded, lengths, None)
+        [want] = zoo.Reference(model)(x)
+        np.testing.assert_allclose(out.heads[0][1], want, rtol=0, atol=ATOL)
+
+
 def test_speculative_compiles_wait_for_idleness_unless_traffic_needs_the_bucket(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -106,3 +168,13 @@ def test_speculative_compiles_wait_for_idleness_unless_traffic_needs_the_bucket(
         time.sleep(0.05)
     assert forward.shape_for(1, 100) == (1, 128), "a hot bucket waited for idleness"
     forward.close()  # the (1, 384) speculation is dropped, not left running
+
+
+def test_token_ids_are_checked_against_the_smallest_vocabulary() -> None:
+    """Two Embeddings on the input (50 and 10 ids): ids 10-49 would fail in one of them (or, in
+    an XLA program, be clamped silently), so the model accepts ids below 10 only."""
+    inp = keras.Input((None,), dtype="int32")
+    wide = keras.layers.Embedding(50, 3, mask_zero=True)(inp)
+    narrow = keras.layers.Embedding(10, 3)(inp)
+    out = keras.layers.Dense(2)(keras.layers.LSTM(4)(keras.layers.Add()([wide, narrow])))
+    assert build_plan(keras.Model(inp, out)).vocab_size == 10

@@ -1,0 +1,72 @@
+"""Models whose padded engine fails (a Keras behaviour the planner did not foresee) still load:
+demoted to equal-length batching with the reason in their notes, and they answer as `model(x)`
+does. A model the padded engine cannot even build used to fail to load altogether."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from rnnserve.server.model_config import ModelConfig
+from rnnserve.server.plan import Mode
+from rnnserve.server.runner import RowResult
+from rnnserve.server.served_model import load_version
+from rnnserve.server.settings import Settings
+
+import zoo
+
+L = keras.layers
+T = 10  # time length of the fixed-length models
+
+
+def _bidirectional_pair(i: keras.KerasTensor) -> keras.KerasTensor:
+    # merge_mode=None: two outputs (and two masks) from one layer, joined again downstream.
+    pair = L.Bidirectional(L.GRU(4, return_sequences=True), merge_mode=None)(L.Masking(0.0)(i))
+    return L.Dense(2)(L.LSTM(5)(L.Concatenate()(pair)))
+
+
+def _unrolled(i: keras.KerasTensor) -> keras.KerasTensor:
+    return L.Dense(2)(L.Bidirectional(L.LSTM(4, unroll=True))(i))
+
+
+def _fixed_functional(i: keras.KerasTensor) -> keras.KerasTensor:
+    return L.Dense(2)(L.GRU(4)(L.Masking(0.0)(i)))
+
+
+CASES: dict[str, tuple[Callable[[keras.KerasTensor], keras.KerasTensor], int | None]] = {
+    "bidirectional_pair": (_bidirectional_pair, None),
+    "unrolled_bidirectional": (_unrolled, T),
+    "fixed_length_functional": (_fixed_functional, T),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_model_the_padded_engine_fails_on_is_served_by_equal_lengths(
+    name: str, tmp_path: Path
+) -> None:
+    build, length = CASES[name]
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((length, zoo.D))
+    model = keras.Model(inp, build(inp))
+    version_dir = tmp_path / name / "1"
+    version_dir.mkdir(parents=True)
+    model.save(version_dir / "model.keras")
+    served = load_version(name, 1, version_dir, ModelConfig(), Settings(warmup=False, xla=False))
+    try:
+        assert served.plan.mode is Mode.EQUAL_LENGTH
+        assert "failed its self-check" in served.plan.notes[0], served.plan.notes
+        rng = np.random.default_rng(1)
+        lengths = [length] * 3 if length else [2, 6, 6]
+        xs = [rng.normal(size=(n, zoo.D)).astype(np.float32) for n in lengths]
+        xs[1][3] = 0.0  # a masked frame
+        for x in xs:
+            [row] = served.runner.run([x], [None])
+            assert isinstance(row, RowResult), row
+            [want] = zoo.Reference(model)(x)
+            np.testing.assert_allclose(row.heads[0].reshape(want.shape), want, rtol=0, atol=1e-5)
+    finally:
+        served.runner.forward.close()
