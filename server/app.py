@@ -15,6 +15,7 @@ from rnnserve.server.interceptors import MalformedRequestInterceptor
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
 from rnnserve.server.security import server_credentials, token_interceptor
+from rnnserve.server.served_model import LoadState
 from rnnserve.server.servicer import SERVICE, InferenceServicer
 from rnnserve.server.session_service import SessionService
 from rnnserve.server.sessions import MemorySessionStore, Session
@@ -77,22 +78,22 @@ class Server:
             status = _SERVING
         except Exception:
             status = _NOT_SERVING
-        task = asyncio.get_running_loop().create_task(self.health.set(name, status))
-        self._health_tasks.add(task)
-        task.add_done_callback(self._health_tasks.discard)
+        for service, value in ((name, status), *self._server_health()):
+            task = asyncio.get_running_loop().create_task(self.health.set(service, value))
+            self._health_tasks.add(task)
+            task.add_done_callback(self._health_tasks.discard)
+
+    def _server_health(self) -> list[tuple[str, int]]:
+        """The server's own statuses: SERVING while some model version is ready to answer (a
+        server with no model, or none loaded, answers nothing useful: NOT_SERVING)."""
+        ready = any(m.state is LoadState.READY for m in self.repository.served())
+        return [(service, _SERVING if ready else _NOT_SERVING) for service in ("", SERVICE)]
 
     # ---- life cycle ----
 
-    async def start(self) -> int:
+    def _bind(self) -> grpc.aio.Server:
+        """The gRPC server with its services, bound to its port (not yet started)."""
         s = self.settings
-        await self.repository.sync()
-        if s.session_snapshot:
-            restored = self.sessions.restore(Path(s.session_snapshot))
-            log.info("restored %d sessions from %s", restored, s.session_snapshot)
-        if s.warmup:
-            # Its own servicer and metrics: warm-up calls are not traffic.
-            servicer = InferenceServicer(self.repository, self.sessions, Metrics(), s)
-            await warm_front_door(servicer, self.repository.served())
         limit = s.max_message_mb * 1024 * 1024
         interceptors: list[grpc.aio.ServerInterceptor] = [
             MalformedRequestInterceptor(self.servicer.malformed)
@@ -124,18 +125,40 @@ class Server:
         )
         address = f"{s.host}:{s.port}"
         credentials = server_credentials(s)
-        if credentials is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:  # grpc.aio's way of saying the address is taken
+            raise OSError(f"cannot bind {address}: {exc}") from None
         if not self.port:
             raise OSError(f"cannot bind {address}")
+        return server
+
+    async def start(self) -> int:
+        s = self.settings
+        # Ports first: one that is taken fails the start at once, not after loading every model.
+        server = self._bind()
+        if s.metrics_port >= 0:
+            try:
+                self.metrics_port = self.metrics.serve(s.metrics_bind, s.metrics_port)
+            except OSError as exc:
+                await server.stop(None)
+                where = f"{s.metrics_bind}:{s.metrics_port}"
+                raise OSError(f"cannot serve metrics on {where}: {exc}") from None
+        await self.repository.sync()
+        if s.session_snapshot:
+            restored = self.sessions.restore(Path(s.session_snapshot))
+            log.info("restored %d sessions from %s", restored, s.session_snapshot)
+        if s.warmup:
+            # Its own servicer and metrics: warm-up calls are not traffic.
+            servicer = InferenceServicer(self.repository, self.sessions, Metrics(), s)
+            await warm_front_door(servicer, self.repository.served())
         await server.start()
         self._grpc = server
-        if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(s.metrics_bind, s.metrics_port)
-        await self.health.set("", _SERVING)
-        await self.health.set(SERVICE, _SERVING)
+        for service, status in self._server_health():
+            await self.health.set(service, status)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._expire_sessions()))
         self._tasks.append(loop.create_task(self._watch_loop_lag()))

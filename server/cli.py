@@ -41,7 +41,11 @@ async def _run_server(settings: Any) -> int:
 
     log = logging.getLogger("rnnserve")
     server = Server(settings)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # a port taken or not allowed: say so, no traceback
+        log.error("cannot start: %s", exc)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -183,10 +187,18 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tls", action="store_true", help="use TLS, trusting the system's CAs unless --ca is given"
     )
-    parser.add_argument("--ca", help="CA certificate to verify the server (enables TLS)")
+    parser.add_argument(
+        "--ca",
+        default=os.environ.get("RNNSERVE_CA"),
+        help="CA certificate to verify the server (enables TLS; or env RNNSERVE_CA)",
+    )
     parser.add_argument("--cert", help="client certificate for mutual TLS")
     parser.add_argument("--key", help="client private key for mutual TLS")
-    parser.add_argument("--server-name", help="name expected in the server certificate")
+    parser.add_argument(
+        "--server-name",
+        default=os.environ.get("RNNSERVE_SERVER_NAME"),
+        help="name expected in the server certificate (or env RNNSERVE_SERVER_NAME)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:

@@ -409,3 +409,30 @@ def test_predict_reads_a_csv_as_the_model_takes_it(
 
     with pytest.raises(SystemExit, match="integer token ids; this file has fractions"):
         main(["predict", model, str(tmp_path / "half.csv"), "--target", zoo_server.target])
+
+
+def test_a_taken_port_stops_the_start_at_once_with_one_line(
+    zoo_repository: Any, tmp_path: Path
+) -> None:
+    """The gRPC or the metrics port already in use: the server says so in one line and exits 1
+    before loading any model (it used to load and warm up every model first, then die with a
+    traceback)."""
+    root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for flags, said in [
+            (["--port", port, "--metrics-port", "-1"], f"cannot bind 127.0.0.1:{port}"),
+            (["--port", "0", "--metrics-port", port], f"cannot serve metrics on 127.0.0.1:{port}"),
+        ]:
+            ran = subprocess.run(
+                [RNNSERVE, "serve", "--model-dir", str(root), *flags],
+                capture_output=True,
+                text=True,
+                timeout=CLI_TIMEOUT,
+            )
+            assert ran.returncode == 1, ran.stderr[-2000:]
+            assert f"cannot start: {said}" in ran.stderr, ran.stderr[-2000:]
+            assert "Traceback" not in ran.stderr
+            assert "loaded lstm_masked" not in ran.stderr  # refused before loading

@@ -189,3 +189,31 @@ def test_a_version_that_failed_on_the_model_config_is_retried_when_it_is_fixed(
         config.write_text(json.dumps({"max_length": 50}))
         _wait("v1 loaded", lambda: _states(client, "m").get(1, ("",))[0] == "READY")
         assert client.metadata("m").max_length == 50
+
+
+def test_the_server_is_serving_only_while_some_model_is_ready(
+    serve: Any, zoo_repository: Any, tmp_path: Path
+) -> None:
+    """Health `""` (what `rnnserve health` and the container's check ask): a server whose
+    repository holds no loadable model answers nothing useful, so it is NOT_SERVING until a
+    model loads, and again once the last one is gone (it used to say SERVING throughout)."""
+    root = tmp_path / "models"
+    root.mkdir()
+    server = serve(model_dir=str(root), poll_interval=0.2, warmup=False)
+    with Client(server.target) as client:
+
+        def model_serving() -> bool:
+            try:
+                return client.health("lstm_masked")
+            except grpc.RpcError as err:  # NOT_FOUND: a model the server never had
+                if err.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                return False
+
+        assert client.health() is False
+        zoo.subset(zoo_repository[0], ["lstm_masked"], root)
+        _wait("the model to load", model_serving)
+        assert client.health() is True
+        (root / "lstm_masked").unlink()  # a link into the test repository
+        _wait("the model to unload", lambda: not model_serving())
+        assert client.health() is False

@@ -59,6 +59,11 @@ def test_tls(serve: Any, one_model: str, pki: dict[str, tuple[str, str]]) -> Non
     refused = subprocess.run(health, env=strangers, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1
     assert "UNAVAILABLE" in refused.stderr
+    # A container's health check: no flags, the CA from the environment.
+    from_env = {**os.environ, "RNNSERVE_CA": pki["ca"][0], "RNNSERVE_TARGET": server.target}
+    check = [health[0], "health", "--timeout", "5"]
+    ok = subprocess.run(check, env=from_env, capture_output=True, text=True, timeout=60)
+    assert (ok.returncode, ok.stdout.strip()) == (0, "SERVING"), ok.stderr
 
 
 def test_mutual_tls(serve: Any, one_model: str, pki: dict[str, tuple[str, str]]) -> None:
