@@ -372,3 +372,26 @@ def test_a_restart_that_fails_keeps_the_snapshot(
     with Client(server.target) as client:
         step = client.step(session.session_id, np.ones((2, zoo.D), np.float32), offset=4)
         assert step.total_steps == 6
+
+
+@pytest.mark.parametrize("name", ["lstm_masked", "embedding_masked"])
+def test_chunks_that_start_masked_answer_as_the_whole_run_so_far(
+    name: str, zoo_server: Any
+) -> None:
+    """Chunks that start with masked steps (zero frames, token 0), one of them all masked: after
+    every chunk the answer so far equals `model(x)` on the series up to there (the server
+    answered zeros for an all-masked chunk: an RNN repeats its previous output at a masked step,
+    which Keras starts at zero in every call)."""
+    arch = zoo.BY_NAME[name]
+    x = zoo.sequences(arch, [16], np.random.default_rng(7))[0]
+    x[x == 0] = 1  # masked exactly where this test says
+    x[5:7] = 0
+    x[9] = 0
+    reference = zoo.Reference(_MODELS[name])
+    with Client(zoo_server.target) as client, client.session(name) as session:
+        for start, end in ((0, 5), (5, 7), (7, 9), (9, 16)):
+            result = session.send(x[start:end])
+            [want] = reference(x[:end])
+            np.testing.assert_allclose(
+                result.output.sequence, want, rtol=0, atol=ATOL, err_msg=f"after step {end}"
+            )
