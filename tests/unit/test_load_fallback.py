@@ -70,3 +70,27 @@ def test_a_model_the_padded_engine_fails_on_is_served_by_equal_lengths(
             np.testing.assert_allclose(row.heads[0].reshape(want.shape), want, rtol=0, atol=1e-5)
     finally:
         served.runner.forward.close()
+
+
+def test_the_self_check_covers_stateful_models() -> None:
+    """A model saved with `stateful=True` and a fixed batch size is checked against the same
+    model made stateless (it used to be skipped): right answers pass, wrong ones are caught."""
+    from rnnserve.server.forward import Forward
+    from rnnserve.server.plan import build_plan
+    from rnnserve.server.runner import ModelRunner
+    from rnnserve.server.selfcheck import mismatch
+
+    model = zoo.build(zoo.BY_NAME["stateful"])
+    runner = ModelRunner(Forward(build_plan(model), xla=False))
+    try:
+        assert mismatch(model, runner, 60) == 0.0
+        right = runner.run
+
+        def wrong(*args: object, **kwargs: object) -> list[RowResult]:
+            rows = right(*args, **kwargs)  # type: ignore[arg-type]
+            return [RowResult([h + 0.01 for h in r.heads], r.stepped, r.states) for r in rows]
+
+        runner.run = wrong  # type: ignore[method-assign]
+        assert mismatch(model, runner, 60) > 0
+    finally:
+        runner.forward.close()
