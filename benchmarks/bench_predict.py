@@ -364,6 +364,17 @@ def ratios(results: dict[str, Any], levels: list[int]) -> dict[str, Any]:
     return out
 
 
+def _warmups(payload: dict[str, Any]) -> str:
+    """The warm-ups the levels took, as a range of seconds."""
+    used = [
+        level["warmup_used_seconds"]
+        for entry in payload["results"]["servers"].values()
+        for level in entry["levels"].values()
+        if "warmup_used_seconds" in level
+    ]
+    return f"{min(used):.1f}-{max(used):.1f}s" if used else "?"
+
+
 def markdown(payload: dict[str, Any]) -> str:
     m, r = payload["machine"], payload["ratios"]
     lines = [
@@ -373,8 +384,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"server share the {m['cores']} cores. Test split: {payload['sequences']} sequences of "
         f"{payload['length_min']}..{payload['length_max']} steps (mean "
         f"{payload['length_mean']:.1f}); one sequence per request; warm-up "
-        f"{payload['settings']['warmup']:g}s + measured {payload['settings']['duration']:g}s "
-        "per level.\n",
+        f"{_warmups(payload)} (at least {payload['settings']['warmup']:g}s, on until stable) + "
+        f"measured {payload['settings']['duration']:g}s per level.\n",
     ]
     lines.append(common.provenance(payload))
     rows = []

@@ -116,7 +116,9 @@ def batch_stats(metrics_port: int) -> dict[str, Any]:
     }
 
 
-def streams_load(target: str, pid: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def streams_load(
+    target: str, pid: int, metrics_port: int, args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
     argv = [
         PYTHON,
         str(common.HERE / "loadgen.py"),
@@ -141,6 +143,8 @@ def streams_load(target: str, pid: int, args: argparse.Namespace, work: Path) ->
         str(args.channels),
         "--watch-pid",
         str(pid),
+        "--metrics-port",
+        str(metrics_port),
     ]
     timeout = args.warmup + args.settle + args.duration + 180
     return common.run_json(argv, work / "loadgen-streams.log", timeout=timeout)
@@ -166,10 +170,13 @@ def throughput(args: argparse.Namespace, work: Path, children: Children) -> dict
             f"(a) {key}: {args.sessions} sessions x {args.chunk_steps}-step chunks, warm-up "
             f">= {args.warmup:.0f}s, measure {args.duration:.0f}s"
         )
-        result = streams_load(target, proc.pid, args, work)
+        result = streams_load(target, proc.pid, metrics_port, args, work)
         after = batch_stats(metrics_port)
         result["server"] = after
         result["server"]["batches_during_run"] = after["batches"] - before["batches"]
+        # Rows per batch of the measured window (the totals above include warm-up and ramp-up).
+        batches = result.get("window_batches") or 0
+        after["rows_per_batch"] = round(result["window_rows"] / batches, 2) if batches else None
         result["label"] = label
         result["max_batch_size"] = 1 if batching else shipped_batch_size(args.version_dir)
         cpu = result.get("cpu_cores", {})
@@ -312,7 +319,9 @@ def markdown(payload: dict[str, Any]) -> str:
     if t:
         a = t["runs"]["batched"]
         lines.append(
-            f"**(a) {a['sessions']} concurrent sessions**, `Stream` RPCs, {a['chunk_steps']}-step "
+            f"**(a) {a['sessions']} concurrent sessions** ({a['sessions_opened']} opened, "
+            f"{a.get('sessions_open_at_start', '?')} open when the measurement began), `Stream` "
+            f"RPCs, {a['chunk_steps']}-step "
             f"chunks of real frames, one chunk in flight per session; measured "
             f"{a['measured_seconds']:.0f}s after a {a['warmup_used_seconds']:.0f}s warm-up.\n"
         )
@@ -332,7 +341,7 @@ def markdown(payload: dict[str, Any]) -> str:
                     server_cpu,
                     cpu.get("loadgen", ""),
                     cpu.get("others", ""),
-                    sum(r["errors"].values()) + sum(r["failed_sessions"].values()),
+                    sum(r["errors"].values()),  # failed sessions in the window are among them
                 ]
             )
         lines.append(

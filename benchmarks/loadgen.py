@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,21 @@ def code_of(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def batch_counts(metrics_port: int | None) -> tuple[float, float] | None:
+    """The server's batches and rows so far (`rnnserve_batch_size` count and sum), if asked."""
+    if metrics_port is None:
+        return None
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    totals = {"rnnserve_batch_size_count": 0.0, "rnnserve_batch_size_sum": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["rnnserve_batch_size_count"], totals["rnnserve_batch_size_sum"]
+
+
 async def finish(tasks: Sequence[asyncio.Task[Any]], grace: float) -> None:
     """Let workers end by themselves (they stop after the window), then cancel stragglers."""
     done, pending = await asyncio.wait(tasks, timeout=grace)
@@ -311,7 +327,7 @@ async def run_predict(args: argparse.Namespace) -> dict[str, Any]:
             next_index += 1
             try:
                 response = await call(requests[k], timeout=args.timeout)
-            except grpc.aio.AioRpcError as exc:
+            except Exception as exc:  # counted, whatever it is: a worker never dies silently
                 window.error(time.perf_counter(), code_of(exc))
                 await asyncio.sleep(0.01)
                 continue
@@ -478,9 +494,10 @@ async def run_streams(args: argparse.Namespace) -> dict[str, Any]:
         stream = chunks[s % len(chunks)]
         position = (s // len(chunks) * 7) % len(stream)
         offset = 0
-        call = calls[s % len(calls)](timeout=args.warmup + args.duration + 120)
+        call = None
         try:
-            async with gate:
+            async with gate:  # the call starts here: at most `open_concurrency` opening at once
+                call = calls[s % len(calls)](timeout=args.warmup + args.duration + 120)
                 await call.write(opening)
                 if await call.read() is grpc.aio.EOF:
                     raise RuntimeError("stream ended before it opened")
@@ -502,18 +519,25 @@ async def run_streams(args: argparse.Namespace) -> dict[str, Any]:
             await call.read()
             await call.done_writing()
             closed += 1
-        except (grpc.aio.AioRpcError, RuntimeError) as exc:
+        except Exception as exc:  # counted by kind (a refused call raises InvalidStateError)
             failed_sessions[code_of(exc)] += 1
             window.error(time.perf_counter(), code_of(exc))
-            call.cancel()
+            if call is not None:
+                call.cancel()
 
     async def watch_cpu() -> None:
         await window.opened.wait()
         progress(f"measuring: {opened} sessions open")
+        result["sessions_open_at_start"] = opened - closed - sum(failed_sessions.values())
         cpu.start()
+        batches = await asyncio.to_thread(batch_counts, args.metrics_port)
         await asyncio.sleep(max(window.end - time.perf_counter(), 0))
         result["cpu_cores"] = cpu.stop()
         result["sessions_open_at_end"] = opened - closed - sum(failed_sessions.values())
+        if batches is not None:  # the server's batches in the measured window only
+            count, rows = await asyncio.to_thread(batch_counts, args.metrics_port) or (0.0, 0.0)
+            result["window_batches"] = int(count - batches[0])
+            result["window_rows"] = int(rows - batches[1])
 
     result: dict[str, Any] = {}
     progress(
@@ -665,6 +689,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("streams", help="concurrent streaming sessions")
     common(p)
+    p.add_argument("--metrics-port", type=int, help="the server's, for batches in the window")
     p.add_argument("--model", required=True)
     p.add_argument("--chunks", required=True, help=".npz of test streams (frames, offsets)")
     p.add_argument("--sessions", type=int, default=1000)
