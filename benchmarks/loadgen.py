@@ -534,10 +534,10 @@ async def run_streams(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(max(window.end - time.perf_counter(), 0))
         result["cpu_cores"] = cpu.stop()
         result["sessions_open_at_end"] = opened - closed - sum(failed_sessions.values())
-        if batches is not None:  # the server's batches in the measured window only
-            count, rows = await asyncio.to_thread(batch_counts, args.metrics_port) or (0.0, 0.0)
-            result["window_batches"] = int(count - batches[0])
-            result["window_rows"] = int(rows - batches[1])
+        ended = await asyncio.to_thread(batch_counts, args.metrics_port)
+        if batches is not None and ended is not None:  # the server's batches in the window only
+            result["window_batches"] = int(ended[0] - batches[0])
+            result["window_rows"] = int(ended[1] - batches[1])
 
     result: dict[str, Any] = {}
     progress(
