@@ -128,7 +128,27 @@ class Batcher:
         """RESOURCE_EXHAUSTED unless `count` more sequences fit in the queue now. Called before a
         request is decoded, so that under overload a refusal costs next to nothing."""
         if len(self._pending) + count > self.policy.max_queue:
-            self._refuse(count)
+            self._drop_dead()
+            if len(self._pending) + count > self.policy.max_queue:
+                self._refuse(count)
+
+    def _drop_dead(self) -> None:
+        """Take out of the queue what nobody waits for any more (cancelled, or past its
+        deadline), which otherwise stays until a batch is formed: a full-looking queue must not
+        refuse live requests for the sake of dead ones."""
+        now = asyncio.get_running_loop().time()
+        live = []
+        for item in self._pending:
+            if item.future.done():
+                self.stats.dropped += 1
+            elif item.deadline is not None and item.deadline <= now:
+                self.stats.dropped += 1
+                item.future.set_exception(
+                    DeadlineExceeded("deadline passed while the request was queued")
+                )
+            else:
+                live.append(item)
+        self._pending = live
 
     def submit_many(
         self, sequences: Sequence[np.ndarray], *, deadline: float | None = None
@@ -163,7 +183,7 @@ class Batcher:
         if self._closed:
             raise Unavailable(f"model {self.name} is shutting down")
         if len(self._pending) >= self.policy.max_queue:
-            self._refuse(1)
+            self.check_room(1)
         loop = asyncio.get_running_loop()
         if self._wakeup is None:
             self._wakeup = asyncio.Event()
@@ -223,9 +243,8 @@ class Batcher:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:  # (not `await task`: suppressing its CancelledError would eat our own)
+            await asyncio.wait(tasks)
         self._executor.shutdown(wait=True)
 
     async def _work(self) -> None:

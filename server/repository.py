@@ -208,6 +208,11 @@ class Repository:
                 leaving = served.version not in wanted.get(served.name, set())
                 if leaving and served.state is LoadState.READY:
                     self._drain(served)
+                elif not leaving and served.state is LoadState.DRAINING:
+                    # Wanted again while its sessions kept it loaded (a rollback): it serves.
+                    log.info("model %s version %d is wanted again", served.name, served.version)
+                    served.state = LoadState.READY
+                    self._notify(served.name, served.version, "ready", None)
             await self._unload_drained()
 
     async def _load(self, name: str, version: int, version_dir: Path) -> bool:
@@ -248,10 +253,11 @@ class Repository:
             if served.state is LoadState.DRAINING and not served.sessions:
                 if served.batcher.busy:
                     continue  # next sync
-                await served.close()
+                # Out of reach first: nothing may pin it (an ImportSession) while it closes.
                 del self._served[served.name][served.version]
                 if not self._served[served.name]:
                     del self._served[served.name]
+                await served.close()
                 log.info("model %s version %d unloaded", served.name, served.version)
                 self._notify(served.name, served.version, "unloaded", None)
 

@@ -241,6 +241,9 @@ class SessionService:
         refused: list[pb.SessionState] = []
         try:
             for state in _read_states(path.read_bytes()):
+                if len(self.store) >= self.store.max_sessions:  # (evicting would lose them)
+                    refused.append(state)
+                    continue
                 try:
                     self.import_(state)
                     restored += 1
@@ -276,7 +279,8 @@ class SessionService:
             log.error("could not keep %d unrestored sessions in %s: %s", len(refused), aside, exc)
             return
         log.warning(
-            "%d sessions were not restored (their model versions are not served); kept in %s",
+            "%d sessions were not restored (their model versions are not served, or the "
+            "server holds --max-sessions already); kept in %s",
             len(refused),
             aside,
         )

@@ -59,6 +59,8 @@ def check_session_id(session_id: str) -> str:
 
 
 class SessionStore(Protocol):
+    max_sessions: int
+
     def add(self, session: Session) -> None: ...
     def now(self) -> float: ...
     def get(self, session_id: str) -> Session: ...
@@ -100,9 +102,9 @@ class MemorySessionStore:
         return iter(list(self._sessions.values()))
 
     def add(self, session: Session) -> None:
+        self.expire()  # first: an id whose session expired is free again
         if session.id in self._sessions:
             raise AlreadyExists(f"session {session.id} already exists")
-        self.expire()
         full = len(self._sessions) >= self.max_sessions
         if full and (self.overflow != "evict" or not self._evict_lru()):
             # Hint: when the least recently used session expires, if nobody uses it before.

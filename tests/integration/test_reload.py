@@ -217,3 +217,27 @@ def test_the_server_is_serving_only_while_some_model_is_ready(
         (root / "lstm_masked").unlink()  # a link into the test repository
         _wait("the model to unload", lambda: not model_serving())
         assert client.health() is False
+
+
+def test_a_rollback_serves_the_version_its_sessions_kept_loaded(
+    serve: Any, zoo_repository: Any, tmp_path: Path
+) -> None:
+    """v1 drains when v2 arrives but stays loaded for its session; v2 is then removed (a
+    rollback): v1 serves again at once (it stayed DRAINING, so the model answered NOT_FOUND
+    until its last session ended)."""
+    source = zoo_repository[0]
+    root = tmp_path / "models"
+    shutil.copytree(source / "lstm_masked" / "1", root / "m" / "1")
+    server = serve(model_dir=str(root), poll_interval=0.2, warmup=False)
+    x = np.ones((5, zoo.D), np.float32)
+    with Client(server.target) as client:
+        pinned = client.open_session("m")
+        shutil.copytree(source / "lstm_masked" / "1", root / "m" / "2")
+        _wait("v1 draining", lambda: _states(client, "m").get(1, ("",))[0] == "DRAINING")
+        shutil.rmtree(root / "m" / "2")
+        _wait("v2 gone", lambda: 2 not in _states(client, "m"))
+        _wait("v1 serving", lambda: _states(client, "m").get(1, ("",))[0] == "READY", 10)
+        assert client.predict("m", [x])[0].length == 5
+        assert client.health("m")
+        assert client.health()
+        assert client.step(pinned.session_id, x).total_steps == 5

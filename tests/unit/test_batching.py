@@ -339,3 +339,57 @@ def test_a_closed_batcher_refuses_new_work_as_unavailable() -> None:
 
     asyncio.run(main())
     assert runner.batches == [[3]]
+
+
+def test_dead_work_does_not_fill_the_queue_for_live_requests() -> None:
+    """Cancelled or expired sequences wait in the queue until a batch is formed; while the
+    model is busy they must not make it refuse live requests as full."""
+    runner = RecordingRunner(hold_first=True)
+    batcher = Batcher(runner, BatchPolicy(max_queue=3))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        first = batcher.submit_nowait(seq(1))
+        await asyncio.to_thread(runner.started.wait, 5)
+        gone = batcher.submit_many([seq(2), seq(2)])
+        expired = batcher.submit_nowait(seq(2), deadline=loop.time() + 0.01)
+        for future in gone:
+            future.cancel()
+        await asyncio.sleep(0.05)
+        live = batcher.submit_many([seq(3), seq(3)])  # refused as full before
+        assert batcher.queue_depth == 2
+        with pytest.raises(DeadlineExceeded):
+            await expired
+        runner.release.set()
+        await asyncio.gather(first, *live)
+        assert [b for b in runner.batches if 2 in b] == []  # the dead ones never ran
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_close_lets_its_callers_cancellation_through() -> None:
+    """`close()` cancels the workers and waits for them; a cancellation of its own caller (a
+    shutdown stopping the repository's watch while it unloads a version) must go through, not be
+    taken for a worker's and swallowed (the watch then polled on, and the shutdown hung)."""
+    batcher = Batcher(RecordingRunner(), BatchPolicy())  # type: ignore[arg-type]
+
+    async def main() -> None:
+        await batcher.submit_nowait(seq(3))  # the workers run
+
+        async def unloads() -> None:
+            await batcher.close()
+            await asyncio.sleep(3600)  # the next poll, which a cancelled watch never reaches
+
+        caller = asyncio.ensure_future(unloads())
+        for _ in range(1000):  # until the caller is in close(), waiting for its workers
+            if batcher._closed:
+                break
+            await asyncio.sleep(0)
+        assert batcher._closed
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(caller, 5)
+        assert caller.cancelled()
+
+    asyncio.run(main())
