@@ -329,6 +329,42 @@ def test_sessions_of_a_version_not_served_after_a_restart_are_kept_aside(
         assert step.total_steps == 6
 
 
+def test_restoring_into_fewer_sessions_keeps_the_rest_aside(
+    serve: Any, zoo_repository: Any, tmp_path: Path
+) -> None:
+    """A restart with a smaller `--max-sessions` than the snapshot holds: the sessions beyond
+    it go to `<snapshot>.unrestored` (evicting would have lost the ones restored first), and a
+    server with room restores them from there."""
+    root = zoo.subset(zoo_repository[0], ["gru_steps"], tmp_path / "models")
+    snapshot = tmp_path / "sessions.bin"
+    aside = tmp_path / "sessions.bin.unrestored"
+    server = serve(model_dir=str(root), session_snapshot=str(snapshot), warmup=False)
+    with Client(server.target) as client:
+        ids = [client.open_session("gru_steps").session_id for _ in range(3)]
+        for session_id in ids:
+            client.step(session_id, np.ones((4, zoo.D), np.float32))
+    server.stop()
+    server = serve(
+        model_dir=str(root), session_snapshot=str(snapshot), max_sessions=2, warmup=False
+    )
+    assert aside.stat().st_size > 0
+    with Client(server.target) as client:
+        answered = []
+        for session_id in ids:
+            try:
+                client.step(session_id, np.ones((1, zoo.D), np.float32), offset=4)
+                answered.append(session_id)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+        assert len(answered) == 2, answered  # none of them evicted by the third
+    server.stop()
+    server = serve(model_dir=str(root), session_snapshot=str(aside), warmup=False)
+    [kept] = [i for i in ids if i not in answered]
+    with Client(server.target) as client:
+        assert client.step(kept, np.ones((2, zoo.D), np.float32), offset=4).total_steps == 6
+
+
 def test_a_snapshot_that_cannot_be_written_does_not_stop_the_shutdown(
     serve: Any, zoo_repository: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -361,10 +397,10 @@ def test_a_restart_that_fails_keeps_the_snapshot(
             warmup=False,
             metrics_port=taken.getsockname()[1],
         )
-        with pytest.raises(OSError, match="in use"):
+        with pytest.raises(OSError, match=r"cannot serve metrics on .* in use"):
             failing.__enter__()
-        # Not `stop()`: it would save the sessions again. Close what the failed start opened.
-        failing.run(failing.server._grpc.stop(None))  # type: ignore[union-attr]
+        # Not `stop()`: it would save the sessions again. The failed start closed its gRPC port.
+        assert failing.server._grpc is None
         failing.loop.call_soon_threadsafe(failing.loop.stop)
     assert snapshot.read_bytes() == saved  # nothing was served: the sessions are still there
     server = serve(model_dir=str(root), session_snapshot=str(snapshot), warmup=False)
