@@ -255,10 +255,11 @@ class Session:
         check_open(self._open, self.id)
         timeout = self._client.timeout if timeout is None else timeout
         expired = threading.Event()
+        call = self._call  # (not `self`: the timer must not keep the session alive)
 
         def expire() -> None:  # the blocking response iterator has no timeout of its own
             expired.set()
-            self._call.cancel()
+            call.cancel()
 
         watchdog = None if timeout is None else threading.Timer(timeout, expire)
         self._requests.put(pb.StreamRequest(chunk=chunk(data, self.steps)))
