@@ -163,6 +163,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         # of those, the ones ended from outside (drain, their session ended), with the error.
         self._waiting: dict[asyncio.Task[Any], str] = {}
         self._ended: dict[asyncio.Task[Any], ServeError] = {}
+        self._waiting_for: dict[str, set[asyncio.Task[Any]]] = {}  # session id -> its streams
 
     def drain(self) -> None:
         """Refuse new work from now on, and end the streams that wait for their next message
@@ -177,9 +178,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """End the stream that waits for the next chunk of a session that has just ended (expired,
         evicted, closed by another call, its version unloaded): NOT_FOUND saying why. Without
         this, a client that went quiet without ending its stream would hold the call open."""
-        for task, waiting_for in list(self._waiting.items()):
-            if waiting_for == session_id:
-                self._end_stream(task, NotFound(self.sessions.store.why_missing(session_id)))
+        for task in list(self._waiting_for.get(session_id, ())):
+            self._end_stream(task, NotFound(self.sessions.store.why_missing(session_id)))
 
     def _end_stream(self, task: asyncio.Task[Any], error: ServeError) -> None:
         if task not in self._ended:
@@ -195,6 +195,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         task = asyncio.current_task()
         assert task is not None
         self._waiting[task] = session_id
+        if session_id:
+            self._waiting_for.setdefault(session_id, set()).add(task)
         try:
             return await anext(requests, None)
         except asyncio.CancelledError:
@@ -206,6 +208,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finally:
             self._waiting.pop(task, None)
             self._ended.pop(task, None)
+            streams = self._waiting_for.get(session_id)
+            if streams is not None:
+                streams.discard(task)
+                if not streams:
+                    del self._waiting_for[session_id]
 
     async def _unary(self, method: str, context: grpc.aio.ServicerContext, body: Any) -> Any:
         call = _Call(self.metrics, method, request_id_of(context))
