@@ -137,18 +137,21 @@ class Batcher:
         deadline), which otherwise stays until a batch is formed: a full-looking queue must not
         refuse live requests for the sake of dead ones."""
         now = asyncio.get_running_loop().time()
-        live = []
-        for item in self._pending:
-            if item.future.done():
-                self.stats.dropped += 1
-            elif item.deadline is not None and item.deadline <= now:
-                self.stats.dropped += 1
-                item.future.set_exception(
-                    DeadlineExceeded("deadline passed while the request was queued")
-                )
-            else:
-                live.append(item)
-        self._pending = live
+        self._pending = [item for item in self._pending if not self._dead(item, now)]
+
+    def _dead(self, item: WorkItem, now: float) -> bool:
+        """True (and counted as dropped) if nobody waits for this work: its caller gave up, or
+        its deadline passed (the caller is then told so)."""
+        if item.future.done():
+            self.stats.dropped += 1
+            return True
+        if item.deadline is not None and item.deadline <= now:
+            self.stats.dropped += 1
+            item.future.set_exception(
+                DeadlineExceeded("deadline passed while the request was queued")
+            )
+            return True
+        return False
 
     def submit_many(
         self, sequences: Sequence[np.ndarray], *, deadline: float | None = None
@@ -342,14 +345,7 @@ class Batcher:
         while scanned < len(pending) and len(live) < window:
             item = pending[scanned]
             scanned += 1
-            if item.future.done():  # the caller gave up (cancelled)
-                self.stats.dropped += 1
-            elif item.deadline is not None and item.deadline <= now:
-                self.stats.dropped += 1
-                item.future.set_exception(
-                    DeadlineExceeded("deadline passed while the request was queued")
-                )
-            else:
+            if not self._dead(item, now):
                 live.append(item)
         rest = pending[scanned:]
         if not live:
