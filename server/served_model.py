@@ -215,16 +215,21 @@ def load_version(
         return ModelRunner(Forward(plan, xla=settings.xla, max_rows=policy.max_batch_size))
 
     why = ""
+    checked: ModelRunner | None = None
     try:
-        runner = runner_for(plan)
-        excess = mismatch(model, runner, max_length)
+        checked = runner_for(plan)
+        excess = mismatch(model, checked, max_length)
         if excess > 0:
             why = f"self-check under padding was off by {excess:.2e}"
     except Exception as exc:  # a Keras behaviour the planner did not foresee
         if plan.mode is Mode.EQUAL_LENGTH:
             raise
         why = f"the padded engine failed its self-check ({type(exc).__name__}: {exc})"
-    if why:
+    if checked is not None and not why:
+        runner = checked
+    else:
+        if checked is not None:
+            checked.forward.close()  # its background compiles are of no use now
         log.warning("model %s version %d: %s; batching equal lengths only", name, version, why)
         forced = build_plan(model, allow_code=settings.allow_code, equal_length_because=why)
         plan = _with_labels(forced, config)
