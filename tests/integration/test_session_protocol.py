@@ -39,12 +39,18 @@ def _wait_for(server: Any, check: Any, what: str, within: float = 60.0) -> None:
         time.sleep(0.005)
 
 
+def _serving(serve: Any, root: Path, tmp_path: Path, **settings: Any) -> tuple[Any, Any]:
+    """A server of MODEL alone (no warm-up), and that model's batcher."""
+    repo = str(zoo.subset(root, [MODEL], tmp_path / "repo"))
+    server = serve(model_dir=repo, warmup=False, **settings)
+    return server, server.call(lambda: server.server.repository.resolve(MODEL).batcher)
+
+
 def test_a_second_chunk_or_a_close_while_one_is_in_flight_is_refused(
     zoo_repository: tuple[Path, dict[str, Any]], serve: Any, tmp_path: Path
 ) -> None:
     root, models = zoo_repository
-    server = serve(model_dir=str(zoo.subset(root, [MODEL], tmp_path / "repo")), warmup=False)
-    batcher = server.call(lambda: server.server.repository.resolve(MODEL).batcher)
+    server, batcher = _serving(serve, root, tmp_path)
     first, second = _x(30, 1), _x(5, 2)
 
     async def main() -> tuple[Any, ...]:
@@ -172,10 +178,8 @@ def test_a_chunk_in_flight_at_shutdown_is_not_applied_and_the_session_survives(
     computing then is answered with an error and not applied, so the saved state and the
     client's view agree: the client sends the chunk again after the restart."""
     root, models = zoo_repository
-    repo = str(zoo.subset(root, [MODEL], tmp_path / "repo"))
     snapshot = str(tmp_path / "sessions.bin")
-    server = serve(model_dir=repo, session_snapshot=snapshot, warmup=False)
-    batcher = server.call(lambda: server.server.repository.resolve(MODEL).batcher)
+    server, batcher = _serving(serve, root, tmp_path, session_snapshot=snapshot)
     first, second = _x(4, 1), _x(6, 2)
 
     async def main() -> tuple[str, BaseException | Any]:
@@ -195,7 +199,7 @@ def test_a_chunk_in_flight_at_shutdown_is_not_applied_and_the_session_survives(
     assert isinstance(outcome, grpc.RpcError), f"the chunk was answered: {outcome}"
     assert outcome.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
-    restarted = serve(model_dir=repo, session_snapshot=snapshot, warmup=False)
+    restarted = serve(model_dir=str(tmp_path / "repo"), session_snapshot=snapshot, warmup=False)
     with Client(restarted.target, timeout=60) as client:
         step = client.step(session_id, second, offset=4)  # the saved state: 4 steps, not 10
         assert step.total_steps == 10
@@ -207,8 +211,7 @@ def test_a_chunk_whose_stream_is_cancelled_counts_as_cancelled(
     zoo_repository: tuple[Path, dict[str, Any]], serve: Any, tmp_path: Path
 ) -> None:
     root, _ = zoo_repository
-    server = serve(model_dir=str(zoo.subset(root, [MODEL], tmp_path / "repo")), warmup=False)
-    batcher = server.call(lambda: server.server.repository.resolve(MODEL).batcher)
+    server, batcher = _serving(serve, root, tmp_path)
 
     def chunks(code: str) -> float:
         labels = (("code", code), ("method", "StreamChunk"), ("model", MODEL), ("version", "1"))
@@ -275,9 +278,7 @@ def test_a_stream_whose_session_ends_elsewhere_is_ended_with_the_reason(
     closes it, the stream ends at once with NOT_FOUND saying why, instead of holding a call open
     on the server until the client goes away."""
     root, _ = zoo_repository
-    server = serve(
-        model_dir=str(zoo.subset(root, [MODEL], tmp_path / "repo")), session_ttl=0.3, warmup=False
-    )
+    server, _ = _serving(serve, root, tmp_path, session_ttl=0.3)
     finished = threading.Event()  # ends the request streams (they send `open`, then wait)
 
     def requests() -> Iterator[pb.StreamRequest]:
@@ -350,8 +351,7 @@ def test_a_chunk_without_an_answer_in_time_ends_the_stream_not_the_session(
     answer: past it the stream ends with TimeoutError, nothing of the chunk is applied, and the
     session resumes. The blocking and the asyncio client alike."""
     root, _ = zoo_repository
-    server = serve(model_dir=str(zoo.subset(root, [MODEL], tmp_path / "repo")), warmup=False)
-    batcher = server.call(lambda: server.server.repository.resolve(MODEL).batcher)
+    server, batcher = _serving(serve, root, tmp_path)
     x = _x(6, 1)
 
     def occupied(client: Client) -> Any:
