@@ -189,9 +189,16 @@ def test_refusal_leaves_no_partial_work(serve: Any, zoo_repository: Any, tmp_pat
     long = rng.normal(size=(40000, zoo.D)).astype(np.float32)  # occupies the worker (seconds)
     fillers = [rng.normal(size=(5, zoo.D)).astype(np.float32) for _ in range(2)]
     answers: dict[str, Any] = {}
+    # Connected before the long sequence starts: the fillers must reach the queue while it
+    # computes, and a connection made then (under load) could take longer than the computing.
+    clients = {
+        name: Client(server.target, retry=NO_RETRY, timeout=120) for name in ("long", "fillers")
+    }
+    for client in clients.values():
+        client.list_models()
 
     def send(name: str, xs: list[np.ndarray]) -> None:
-        with Client(server.target, retry=NO_RETRY, timeout=120) as client:
+        with clients[name] as client:
             answers[name] = client.predict("lstm_masked", xs)
 
     def until(condition: Callable[[], bool]) -> None:
