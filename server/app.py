@@ -138,6 +138,9 @@ class Server:
 
     async def start(self) -> int:
         s = self.settings
+        # A mistyped --model-dir would otherwise start a server that serves nothing, forever.
+        if not await asyncio.to_thread(Path(s.model_dir).is_dir):
+            raise OSError(f"model repository {s.model_dir} is not a directory (--model-dir)")
         # Ports first: one that is taken fails the start at once, not after loading every model.
         server = self._bind()
         if s.metrics_port >= 0:

@@ -439,3 +439,18 @@ def test_a_taken_port_stops_the_start_at_once_with_one_line(
             assert f"cannot start: {said}" in ran.stderr, ran.stderr[-2000:]
             assert "Traceback" not in ran.stderr
             assert "loaded lstm_masked" not in ran.stderr  # refused before loading
+
+
+def test_a_missing_model_directory_stops_the_start(tmp_path: Path) -> None:
+    """A mistyped --model-dir used to start a server that served nothing (health NOT_SERVING)
+    and never would: now the start ends at once with one line naming the directory."""
+    missing = tmp_path / "modles"
+    ran = subprocess.run(
+        [RNNSERVE, "serve", "--model-dir", str(missing), "--port", "0", "--metrics-port", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+    )
+    assert ran.returncode == 1, ran.stderr[-2000:]
+    assert f"cannot start: model repository {missing} is not a directory" in ran.stderr
+    assert "Traceback" not in ran.stderr
