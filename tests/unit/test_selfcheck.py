@@ -4,11 +4,12 @@ computes something other than the model, and must pass a plan that computes the 
 from __future__ import annotations
 
 import keras
+import numpy as np
 import pytest
 
 from rnnserve.server.forward import Forward
 from rnnserve.server.plan import Mode, build_plan
-from rnnserve.server.runner import ModelRunner
+from rnnserve.server.runner import ModelRunner, RowResult
 from rnnserve.server.selfcheck import TOLERANCE, mismatch
 
 import zoo
@@ -37,3 +38,30 @@ def test_mismatch_sees_a_plan_of_other_weights_and_passes_the_models_own(name: s
     wrong = mismatch(model, foreign, MAX_LENGTH)
     # Far beyond float error: the answers of different weights, not rounding.
     assert wrong > 100 * TOLERANCE, f"{name}: a plan of other weights passed ({wrong:.2e})"
+
+
+class _BlindToPadding:
+    """A runner that pads the probes with zeros to the longest and runs the model on them with no
+    mask: right for a batch of one length, wrong for every padded row of a model without a mask."""
+
+    def __init__(self, model: keras.Model) -> None:
+        self.model = model
+        self.forward = _runner(model).forward  # its plan is what the probes are made for
+
+    def run(self, sequences: list[np.ndarray], deadlines: list[None]) -> list[RowResult]:
+        longest = max(len(x) for x in sequences)
+        batch = np.zeros((len(sequences), longest, *sequences[0].shape[1:]), np.float32)
+        for row, x in zip(batch, sequences, strict=True):
+            row[: len(x)] = x
+        out = np.asarray(self.model(batch, training=False))
+        return [RowResult([last], [False], []) for last in out]
+
+
+@pytest.mark.parametrize("max_length", [2, 3])
+def test_a_short_model_is_still_probed_with_padding(max_length: int) -> None:
+    """With a maximum length under 4 the probes were one sequence of length 1: nothing was padded,
+    so a plan blind to padding passed. Now they are of two lengths or more whenever T allows."""
+    model = _untrained(zoo.BY_NAME["simple_stack"], seed=0)  # no mask; one output per sequence
+    assert mismatch(model, _runner(model), max_length) == 0.0
+    wrong = mismatch(model, _BlindToPadding(model), max_length)  # type: ignore[arg-type]
+    assert wrong > 100 * TOLERANCE, f"padding went unseen at max_length {max_length} ({wrong:.2e})"
