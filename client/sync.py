@@ -51,6 +51,7 @@ from rnnserve.client.results import (
     session_info,
     step_result,
 )
+from rnnserve.client.watchdog import WATCHDOG
 from rnnserve.v1 import inference_pb2 as pb
 from rnnserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -261,11 +262,9 @@ class Session:
             expired.set()
             call.cancel()
 
-        watchdog = None if timeout is None else threading.Timer(timeout, expire)
         self._requests.put(pb.StreamRequest(chunk=chunk(data, self.steps)))
+        alarm = None if timeout is None else WATCHDOG.after(timeout, expire)
         try:
-            if watchdog is not None:
-                watchdog.start()
             result = step_result(next(self._responses).step)
         except BaseException as exc:
             self._abort()
@@ -273,8 +272,8 @@ class Session:
                 raise chunk_timeout(self.id, timeout) from exc
             raise
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
+            if alarm is not None:
+                alarm.cancel()
         self.steps = result.total_steps
         return result
 
