@@ -189,13 +189,16 @@ def test_refusal_leaves_no_partial_work(serve: Any, zoo_repository: Any, tmp_pat
     long = rng.normal(size=(40000, zoo.D)).astype(np.float32)  # occupies the worker (seconds)
     fillers = [rng.normal(size=(5, zoo.D)).astype(np.float32) for _ in range(2)]
     answers: dict[str, Any] = {}
-    # Connected before the long sequence starts: the fillers must reach the queue while it
-    # computes, and a connection made then (under load) could take longer than the computing.
+    # Connected before the long sequence starts: the fillers and the probes must reach the
+    # server while it computes, and a connection made then (under load) could take longer than
+    # the computing.
     clients = {
-        name: Client(server.target, retry=NO_RETRY, timeout=120) for name in ("long", "fillers")
+        name: Client(server.target, retry=NO_RETRY, timeout=120)
+        for name in ("long", "fillers", "probe")
     }
     for client in clients.values():
         client.list_models()
+    probe = clients["probe"]
 
     def send(name: str, xs: list[np.ndarray]) -> None:
         with clients[name] as client:
@@ -213,8 +216,8 @@ def test_refusal_leaves_no_partial_work(serve: Any, zoo_repository: Any, tmp_pat
     senders.append(threading.Thread(target=send, args=("fillers", fillers)))
     senders[1].start()
     until(lambda: batcher.queue_depth == 2)  # waiting behind it: room for one more
-    with Client(server.target, retry=NO_RETRY) as client, pytest.raises(grpc.RpcError) as err:
-        client.predict("lstm_masked", [np.ones((5, zoo.D))] * 2)
+    with pytest.raises(grpc.RpcError) as err:
+        probe.predict("lstm_masked", [np.ones((5, zoo.D))] * 2)
     assert server.call(lambda: batcher.queue_depth) == 2, "part of a refused request was queued"
     assert server.call(lambda: batcher._in_flight) == 1, "the long sequence ended too soon"
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -224,8 +227,9 @@ def test_refusal_leaves_no_partial_work(serve: Any, zoo_repository: Any, tmp_pat
     assert float(dict(err.value.trailing_metadata() or ())["retry-after-ms"]) > 0
     # Over a per-request limit while the queue is full: told to split, with no retry hint,
     # since waiting cannot make it fit.
-    with Client(server.target, retry=NO_RETRY) as client, pytest.raises(grpc.RpcError) as err:
-        client.predict("lstm_masked", [np.ones((30000, zoo.D), np.float32)] * 2)
+    with pytest.raises(grpc.RpcError) as err:
+        probe.predict("lstm_masked", [np.ones((30000, zoo.D), np.float32)] * 2)
+    probe.close()
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "60000 timesteps in one request; the limit is 50000" in (err.value.details() or "")
     assert "retry-after-ms" not in dict(err.value.trailing_metadata() or ())

@@ -238,7 +238,7 @@ def _cases(client: Client, target: str, pki: dict[str, tuple[str, str]], mtls: s
             "no client certificate (mutual TLS)",
             grpc.StatusCode.UNAVAILABLE,
             "failed to connect to all addresses",
-            lambda: Client(mtls, tls=TLS(ca=pki["ca"][0]), retry=NO_RETRY).list_models(timeout=5),
+            lambda: Client(mtls, tls=TLS(ca=pki["ca"][0]), retry=NO_RETRY).list_models(timeout=30),
         ),
     ]
 

@@ -38,14 +38,14 @@ def test_tls(serve: Any, one_model: str, pki: dict[str, tuple[str, str]]) -> Non
     with Client(server.target, tls=TLS(ca=pki["ca"][0]), retry=NO_RETRY) as client:
         assert client.predict("lstm_masked", [X])[0].length == 3
     with Client(server.target, retry=NO_RETRY) as plain, pytest.raises(grpc.RpcError) as err:
-        plain.predict("lstm_masked", [X], timeout=5)
+        plain.predict("lstm_masked", [X], timeout=30)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     untrusted = TLS(ca=pki["stranger"][0])
     with (
         Client(server.target, tls=untrusted, retry=NO_RETRY) as client,
         pytest.raises(grpc.RpcError) as err,
     ):
-        client.predict("lstm_masked", [X], timeout=5)
+        client.predict("lstm_masked", [X], timeout=30)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
     # The command line: --tls trusts the system's CAs (gRPC reads them from this variable when
@@ -76,7 +76,7 @@ def test_mutual_tls(serve: Any, one_model: str, pki: dict[str, tuple[str, str]])
     for refused in (TLS(ca=ca), TLS(ca=ca, cert=pki["stranger"][0], key=pki["stranger"][1])):
         with Client(server.target, tls=refused, retry=NO_RETRY) as client:
             with pytest.raises(grpc.RpcError) as err:
-                client.predict("lstm_masked", [X], timeout=5)
+                client.predict("lstm_masked", [X], timeout=30)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 

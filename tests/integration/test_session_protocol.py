@@ -39,6 +39,18 @@ def _wait_for(server: Any, check: Any, what: str, within: float = 60.0) -> None:
         time.sleep(0.005)
 
 
+def _computing(server: Any, session_id: str) -> Any:
+    """True once the session's chunk is in its model's queue (the session is busy from the
+    moment the chunk is submitted until it is answered); the queue's depth alone does not tell
+    the chunk from rows of other requests."""
+
+    def check() -> bool:
+        session = server.server.store.peek(session_id)
+        return session is not None and session.busy
+
+    return check
+
+
 def _serving(serve: Any, root: Path, tmp_path: Path, **settings: Any) -> tuple[Any, Any]:
     """A server of MODEL alone (no warm-up), and that model's batcher."""
     repo = str(zoo.subset(root, [MODEL], tmp_path / "repo"))
@@ -60,7 +72,9 @@ def test_a_second_chunk_or_a_close_while_one_is_in_flight_is_refused(
             heavy = asyncio.ensure_future(client.predict(MODEL, [_x(4000, 3)] * 16))
             await asyncio.to_thread(_wait_for, server, lambda: batcher._in_flight > 0, "busy")
             step = asyncio.ensure_future(client.step(info.session_id, first))
-            await asyncio.to_thread(_wait_for, server, lambda: batcher.queue_depth > 0, "queued")
+            await asyncio.to_thread(
+                _wait_for, server, _computing(server, info.session_id), "queued"
+            )
             refusals = []
             for call in (
                 client.step(info.session_id, second),
@@ -189,7 +203,9 @@ def test_a_chunk_in_flight_at_shutdown_is_not_applied_and_the_session_survives(
             heavy = asyncio.ensure_future(client.predict(MODEL, [_x(6000, 3)] * 16))
             await asyncio.to_thread(_wait_for, server, lambda: batcher._in_flight > 0, "busy")
             step = asyncio.ensure_future(client.step(info.session_id, second))
-            await asyncio.to_thread(_wait_for, server, lambda: batcher.queue_depth > 0, "queued")
+            await asyncio.to_thread(
+                _wait_for, server, _computing(server, info.session_id), "queued"
+            )
             await asyncio.to_thread(server.stop, 0.2)  # grace ends while the chunk waits
             outcome = (await asyncio.gather(step, return_exceptions=True))[0]
             await asyncio.gather(heavy, return_exceptions=True)
@@ -224,9 +240,9 @@ def test_a_chunk_whose_stream_is_cancelled_counts_as_cancelled(
             async with grpc.aio.insecure_channel(server.target) as channel:
                 call = pb_grpc.InferenceStub(channel).Stream()
                 await call.write(pb.StreamRequest(open=pb.StreamOpen(model_name=MODEL)))
-                assert (await call.read()).WhichOneof("kind") == "opened"
+                session_id = (await call.read()).opened.session_id
                 await call.write(pb.StreamRequest(chunk=pb.Chunk(data=to_tensor(_x(5, 1)))))
-                queued = lambda: batcher.queue_depth > 0  # noqa: E731
+                queued = _computing(server, session_id)
                 await asyncio.to_thread(_wait_for, server, queued, "queued")
                 call.cancel()
             await heavy
@@ -278,7 +294,7 @@ def test_a_stream_whose_session_ends_elsewhere_is_ended_with_the_reason(
     closes it, the stream ends at once with NOT_FOUND saying why, instead of holding a call open
     on the server until the client goes away."""
     root, _ = zoo_repository
-    server, _ = _serving(serve, root, tmp_path, session_ttl=0.3)
+    server, _ = _serving(serve, root, tmp_path, session_ttl=3.0)
     finished = threading.Event()  # ends the request streams (they send `open`, then wait)
 
     def requests() -> Iterator[pb.StreamRequest]:
@@ -300,7 +316,7 @@ def test_a_stream_whose_session_ends_elsewhere_is_ended_with_the_reason(
                 assert ended.value.code() == grpc.StatusCode.NOT_FOUND, ended.value
                 assert f"session {opened.session_id}" in ended.value.details()
                 assert ending in ended.value.details()
-                assert time.monotonic() - started < 10  # the TTL (0.3 s), not the call's 30 s
+                assert time.monotonic() - started < 20  # the TTL (3 s), not the call's 30 s
     finally:
         finished.set()
 
@@ -368,7 +384,7 @@ def test_a_chunk_without_an_answer_in_time_ends_the_stream_not_the_session(
             started = time.monotonic()
             with pytest.raises(TimeoutError, match=r"within 0\.3s; the stream of session"):
                 session.send(x)
-            assert time.monotonic() - started < 5
+            assert time.monotonic() - started < 30  # the 0.3 s timeout, not the heavy 120 s
             assert len(heavy.result()) == 16
         with client.session(session_id=session.id) as resumed:
             assert resumed.steps == 0

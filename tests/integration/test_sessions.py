@@ -187,16 +187,21 @@ def test_unary_steps_out_of_order_and_unknown_sessions(zoo_server: Any) -> None:
 
 def test_idle_sessions_expire_visibly(serve: Any, zoo_repository: Any, tmp_path: Path) -> None:
     root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
-    server = serve(model_dir=str(root), session_ttl=0.3, warmup=False)
+    # A TTL long enough that opening and the first step cannot be that far apart on a busy
+    # machine, short enough for a test.
+    server = serve(model_dir=str(root), session_ttl=2, warmup=False)
     x = np.ones((4, zoo.D), np.float32)
     with Client(server.target) as client:
         info = client.open_session("lstm_masked")
         client.step(info.session_id, x)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while server.call(lambda: server.server.store.peek(info.session_id)) is not None:
+            assert time.monotonic() < deadline, "the idle session did not expire"
+            time.sleep(0.1)
         with pytest.raises(grpc.RpcError) as err:
             client.step(info.session_id, x)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "expired after 0.3s idle" in err.value.details()
+        assert "expired after 2s idle" in err.value.details()
     metrics = _scrape(server.metrics_url)
     assert 'rnnserve_session_ends_total{reason="expired"} 1.0' in metrics
     assert "rnnserve_sessions_active 0.0" in metrics
