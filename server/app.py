@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 from pathlib import Path
 
 import grpc
@@ -24,6 +26,28 @@ from rnnserve.server.warmup import warm_front_door
 from rnnserve.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """OSError if `host:port` is taken (port 0, any free port, always binds)."""
+    if port == 0:
+        return
+    host = host.strip("[]")  # an IPv6 address as gRPC writes it
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        return  # gRPC's own bind says what is wrong with the host
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise OSError(f"cannot bind {host}:{port}: address already in use") from None
+
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -91,7 +115,7 @@ class Server:
 
     # ---- life cycle ----
 
-    def _bind(self) -> grpc.aio.Server:
+    def _bind(self, credentials: grpc.ServerCredentials | None) -> grpc.aio.Server:
         """The gRPC server with its services, bound to its port (not yet started)."""
         s = self.settings
         limit = s.max_message_mb * 1024 * 1024
@@ -124,7 +148,6 @@ class Server:
             server,
         )
         address = f"{s.host}:{s.port}"
-        credentials = server_credentials(s)
         try:
             if credentials is None:
                 self.port = server.add_insecure_port(address)
@@ -141,15 +164,19 @@ class Server:
         # A mistyped --model-dir would otherwise start a server that serves nothing, forever.
         if not await asyncio.to_thread(Path(s.model_dir).is_dir):
             raise OSError(f"model repository {s.model_dir} is not a directory (--model-dir)")
-        # Ports first: one that is taken fails the start at once, not after loading every model.
-        server = self._bind()
+        # What can fail the start is checked before the models load (tens of seconds): the TLS
+        # files, the gRPC port, the metrics port. gRPC itself binds only once they are loaded:
+        # its port accepts connections as soon as it is bound, and a client connecting then
+        # would wait for its deadline instead of being refused at once.
+        credentials = server_credentials(s)
+        await asyncio.to_thread(check_port_free, s.host, s.port)
         if s.metrics_port >= 0:
             try:
                 self.metrics_port = self.metrics.serve(s.metrics_bind, s.metrics_port)
             except OSError as exc:
-                await server.stop(None)
                 where = f"{s.metrics_bind}:{s.metrics_port}"
                 raise OSError(f"cannot serve metrics on {where}: {exc}") from None
+        log.info("loading models from %s; the gRPC port opens once they are ready", s.model_dir)
         await self.repository.sync()
         if s.session_snapshot:
             restored = self.sessions.restore(Path(s.session_snapshot))
@@ -158,6 +185,7 @@ class Server:
             # Its own servicer and metrics: warm-up calls are not traffic.
             servicer = InferenceServicer(self.repository, self.sessions, Metrics(), s)
             await warm_front_door(servicer, self.repository.served())
+        server = self._bind(credentials)
         await server.start()
         self._grpc = server
         for service, status in self._server_health():
