@@ -108,6 +108,7 @@ class Repository:
         self._served: dict[str, dict[int, ServedModel]] = {}
         self._failed: dict[tuple[str, int], str] = {}
         self._failed_prints: dict[tuple[str, int], tuple[float, int]] = {}
+        self._loaded_prints: dict[tuple[str, int], tuple[float, int]] = {}
         self._loading: set[tuple[str, int]] = set()
         self._sync_lock = asyncio.Lock()
 
@@ -202,8 +203,11 @@ class Repository:
                     if not missing:
                         break
                     version = missing[-1]
-                    if not await self._load(name, version, entry.versions[version]):
+                    if await self._load(name, version, entry.versions[version]):
+                        self._loaded_prints[(name, version)] = entry.fingerprints[version]
+                    else:
                         self._failed_prints[(name, version)] = entry.fingerprints[version]
+            self._warn_of_changed_files(found)
             for served in self.served():
                 leaving = served.version not in wanted.get(served.name, set())
                 if leaving and served.state is LoadState.READY:
@@ -214,6 +218,21 @@ class Repository:
                     served.state = LoadState.READY
                     self._notify(served.name, served.version, "ready", None)
             await self._unload_drained()
+
+    def _warn_of_changed_files(self, found: dict[str, Found]) -> None:
+        """A loaded version is not reloaded when its files change (a half-copied file must not
+        replace a version that serves), but the change must not pass unnoticed either."""
+        for (name, version), loaded in self._loaded_prints.items():
+            entry = found.get(name)
+            now = entry.fingerprints.get(version) if entry else None
+            if now is not None and now != loaded:
+                self._loaded_prints[(name, version)] = now  # once per change
+                log.warning(
+                    "model %s version %d: its files changed after it was loaded; a loaded version "
+                    "is not reloaded: publish the change as a new version directory",
+                    name,
+                    version,
+                )
 
     async def _load(self, name: str, version: int, version_dir: Path) -> bool:
         self._loading.add((name, version))
@@ -257,6 +276,7 @@ class Repository:
                 del self._served[served.name][served.version]
                 if not self._served[served.name]:
                     del self._served[served.name]
+                self._loaded_prints.pop((served.name, served.version), None)
                 await served.close()
                 log.info("model %s version %d unloaded", served.name, served.version)
                 self._notify(served.name, served.version, "unloaded", None)

@@ -1,10 +1,9 @@
-"""A version leaving service is out of reach before it closes: a call that pins versions (an
-ImportSession resolves with `draining_ok`) must not find one that is closing, or the session it
-pins is lost with it."""
+"""A model version's life in the repository, with no server around it."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import zoo
 def test_a_version_is_out_of_reach_while_it_closes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A call that pins versions (an ImportSession resolves with `draining_ok`) must not find one
+    that is closing, or the session it pins is lost with it."""
     root = tmp_path / "models"
     zoo.write_repository(root, ["lstm_masked"])
     model = root / "lstm_masked"
@@ -48,3 +49,29 @@ def test_a_version_is_out_of_reach_while_it_closes(
 
     asyncio.run(main())
     assert seen_while_closing[0] == "version 1 out of reach"
+
+
+def test_files_changed_under_a_loaded_version_are_reported_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loaded version is not reloaded (a half-written file must not replace what serves), and
+    a config written after the model loaded would otherwise be ignored without a word."""
+    root = tmp_path / "models"
+    zoo.write_repository(root, ["lstm_masked"])
+    repository = Repository(Settings(model_dir=str(root), warmup=False, xla=False))
+    said = "lstm_masked version 1: its files changed after it was loaded"
+
+    async def main() -> list[int]:
+        counts = []
+        await repository.sync()
+        counts.append(caplog.text.count(said))
+        (root / "lstm_masked" / "1" / "config.json").write_text('{"description": "late"}')
+        for _ in range(2):
+            await repository.sync()
+            counts.append(caplog.text.count(said))
+        assert repository.resolve("lstm_masked").config.description == "lstm_masked"  # not reloaded
+        await repository.close()
+        return counts
+
+    with caplog.at_level(logging.WARNING, logger="rnnserve.server.repository"):
+        assert asyncio.run(main()) == [0, 1, 1]
