@@ -67,7 +67,9 @@ class Server:
             overflow=settings.session_overflow,
             on_end=self._session_ended,
         )
-        self.sessions = SessionService(self.repository, self.store)
+        self.sessions = SessionService(
+            self.repository, self.store, saved=bool(settings.session_snapshot)
+        )
         self.servicer = InferenceServicer(self.repository, self.sessions, self.metrics, settings)
         self.metrics.live(self._batchers, lambda: len(self.store))
         self.port = 0

@@ -24,7 +24,7 @@ from rnnserve.server.outputs import encode_row, select
 from rnnserve.server.repository import Repository
 from rnnserve.server.served_model import LoadState, ServedModel
 from rnnserve.server.session_service import SessionService
-from rnnserve.server.sessions import check_session_id
+from rnnserve.server.sessions import Session, check_session_id
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import inference_pb2 as pb
 from rnnserve.v1 import inference_pb2_grpc as pb_grpc
@@ -171,8 +171,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         would otherwise hold up shutdown for the whole grace period."""
         self.draining = True
         for task, session_id in list(self._waiting.items()):
-            resume = f"; resume session {session_id} later" if session_id else ""
-            self._end_stream(task, Unavailable(f"server is shutting down{resume}"))
+            then = f"; {self.sessions.after_shutdown(session_id)}" if session_id else ""
+            self._end_stream(task, Unavailable(f"server is shutting down{then}"))
 
     def session_ended(self, session_id: str) -> None:
         """End the stream that waits for the next chunk of a session that has just ended (expired,
@@ -190,8 +190,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """The stream's next message (None at its end), unless the server drains or the session
         ends first."""
         if self.draining:
-            resume = f"; resume session {session_id} later" if session_id else ""
-            raise Unavailable(f"server is shutting down{resume}")
+            then = f"; {self.sessions.after_shutdown(session_id)}" if session_id else ""
+            raise Unavailable(f"server is shutting down{then}")
         task = asyncio.current_task()
         assert task is not None
         self._waiting[task] = session_id
@@ -213,6 +213,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 streams.discard(task)
                 if not streams:
                     del self._waiting_for[session_id]
+
+    def _resumed(self, session_id: str) -> Session:
+        """The session a stream resumes. A stream never creates a session of a given id (a
+        mistyped id would start a fresh state in silence): the refusal says what does."""
+        try:
+            return self.sessions.store.get(check_session_id(session_id))
+        except NotFound as exc:
+            if self.sessions.store.ended_as(session_id) is None:  # an id never seen
+                raise NotFound(
+                    f"{exc}; a stream's `open` with an id resumes an existing session: create "
+                    "one of your own id with OpenSession first, or open without an id"
+                ) from None
+            raise
 
     async def _unary(self, method: str, context: grpc.aio.ServicerContext, body: Any) -> Any:
         call = _Call(self.metrics, method, request_id_of(context))
@@ -401,7 +414,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise InvalidInput("the first message of a stream must be `open`")
             opening = first.open
             if opening.session_id:
-                session = self.sessions.store.get(check_session_id(opening.session_id))
+                session = self._resumed(opening.session_id)
                 if opening.model_name and opening.model_name != session.model:
                     raise InvalidInput(
                         f"session {session.id} belongs to model {session.model}, "
@@ -433,7 +446,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 chunk.model, chunk.version = session.model, session.version
                 try:
                     if self.draining:
-                        raise Unavailable("server is shutting down; resume this session later")
+                        then = self.sessions.after_shutdown(session.id)
+                        raise Unavailable(f"server is shutting down; {then}")
                     step = await self.sessions.step(
                         session.id, message.chunk, selection, deadline=deadline_of(context)
                     )

@@ -40,13 +40,20 @@ log = logging.getLogger(__name__)
 
 
 class SessionService:
-    def __init__(self, repository: Repository, store: SessionStore) -> None:
+    def __init__(self, repository: Repository, store: SessionStore, *, saved: bool = False) -> None:
         self.repository = repository
         self.store = store
+        self.saved = saved  # sessions are saved at shutdown (--session-snapshot)
         self.in_flight = 0  # chunks being computed
         self.frozen = False  # shutting down, sessions saved: no chunk may change them any more
         self._quiet = asyncio.Event()  # set while in_flight == 0
         self._quiet.set()
+
+    def after_shutdown(self, session_id: str) -> str:
+        """What becomes of a session when this server stops, for the refusals of shutdown."""
+        if self.saved:
+            return f"resume session {session_id} later"
+        return f"session {session_id} ends with it (the server keeps no --session-snapshot)"
 
     def freeze(self) -> None:
         """Apply no chunk from now on: one still computing gets UNAVAILABLE when it comes back."""
@@ -141,8 +148,8 @@ class SessionService:
             row = await model.batcher.submit_nowait(x, states, deadline=deadline, session=session)
             if self.frozen:
                 raise Unavailable(
-                    f"server is shutting down; this chunk was not applied, resume session "
-                    f"{session.id} later"
+                    "server is shutting down; this chunk was not applied, "
+                    + self.after_shutdown(session.id)
                 )
             session.set_states(row.states)
             session.steps += len(x)

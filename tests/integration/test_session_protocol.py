@@ -402,3 +402,56 @@ def test_a_chunk_without_an_answer_in_time_ends_the_stream_not_the_session(
                 return resumed.steps, (await resumed.send(x, timeout=60)).total_steps
 
     assert asyncio.run(main()) == (0, 6)
+
+
+def test_shutdown_says_whether_a_session_outlives_the_server(
+    zoo_repository: tuple[Path, dict[str, Any]], serve: Any, tmp_path: Path
+) -> None:
+    """A stream ended by shutdown is told to resume later only when the sessions are saved
+    (`--session-snapshot`); without it the session ends with the server, and it says so."""
+    root, _ = zoo_repository
+    finished = threading.Event()
+
+    def requests() -> Iterator[pb.StreamRequest]:
+        yield pb.StreamRequest(open=pb.StreamOpen(model_name=MODEL))
+        finished.wait()
+
+    said = {}
+    try:
+        for saved in (False, True):
+            snapshot = {"session_snapshot": str(tmp_path / "s.bin")} if saved else {}
+            server, _ = _serving(serve, root, tmp_path / str(saved), **snapshot)
+            with grpc.insecure_channel(server.target) as channel:
+                call = pb_grpc.InferenceStub(channel).Stream(requests(), timeout=60)
+                session_id = next(call).opened.session_id
+                servicer = server.server.servicer
+                _wait_for(server, lambda s=servicer: bool(s._waiting), "the stream to wait")
+                server.call(servicer.drain)
+                with pytest.raises(grpc.RpcError) as ended:
+                    next(call)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            said[saved] = (ended.value.details() or "").replace(session_id, "<id>")
+    finally:
+        finished.set()
+    assert said[True] == "server is shutting down; resume session <id> later"
+    assert said[False] == (
+        "server is shutting down; session <id> ends with it (the server keeps no "
+        "--session-snapshot)"
+    )
+
+
+def test_a_stream_opened_with_an_unknown_id_says_how_to_create_one(zoo_server: Any) -> None:
+    """A stream resumes sessions by id but never creates one of a given id (a mistyped id
+    would start a fresh state in silence); the refusal says what does."""
+    opening = pb.StreamRequest(open=pb.StreamOpen(model_name=MODEL, session_id="my-own-id"))
+    kinds, failed = _stream(zoo_server.target, [opening])
+    assert kinds == []
+    assert failed.code() == grpc.StatusCode.NOT_FOUND
+    assert failed.details() == (
+        "session my-own-id not found; a stream's `open` with an id resumes an existing session: "
+        "create one of your own id with OpenSession first, or open without an id"
+    )
+    with Client(zoo_server.target) as client:  # as it says: OpenSession, then the stream
+        client.open_session(MODEL, session_id="my-own-id")
+        with client.session(session_id="my-own-id") as session:
+            assert session.send(_x(3)).total_steps == 3
