@@ -160,6 +160,14 @@ def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None =
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise SystemExit(f"config file {config_path}: {exc}") from exc
         file_values = data.get("server", data)
+        if not isinstance(file_values, dict):
+            raise SystemExit(f"config file {config_path}: server must be a [server] table")
+        outside = sorted(set(data) - {"server"}) if file_values is not data else []
+        if outside:  # they would not be read
+            raise SystemExit(
+                f"config file {config_path}: with a [server] table every setting goes in it; "
+                f"found {outside} outside it"
+            )
         unknown = set(file_values) - {f.name for f in _fields()}
         if unknown:
             raise SystemExit(f"config file {config_path}: unknown settings {sorted(unknown)}")

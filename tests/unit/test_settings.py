@@ -76,3 +76,17 @@ def test_values_out_of_range_are_refused_at_start(tmp_path: Path) -> None:
             settings_mod.load({"config": str(config)}, env={})
     config.write_text("max_batch_size = 32.0\n")
     assert settings_mod.load({"config": str(config)}, env={}).max_batch_size == 32
+
+
+def test_a_setting_beside_the_server_table_is_refused_not_ignored(tmp_path: Path) -> None:
+    """With a [server] table only its keys were read: `max_batch_size = 32` above it stayed 64
+    in silence, though an unknown key is refused."""
+    config = tmp_path / "c.toml"
+    config.write_text("max_batch_size = 32\n[server]\nport = 7000\n")
+    with pytest.raises(SystemExit, match=r"every setting goes in it; found \['max_batch_size'\]"):
+        settings_mod.load({"config": str(config)}, env={})
+    config.write_text("server = 3\n")
+    with pytest.raises(SystemExit, match="server must be a \\[server\\] table"):
+        settings_mod.load({"config": str(config)}, env={})
+    config.write_text("[server]\nport = 7000\nmax_batch_size = 32\n")
+    assert settings_mod.load({"config": str(config)}, env={}).max_batch_size == 32
