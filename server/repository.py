@@ -70,23 +70,28 @@ def scan(root: Path) -> tuple[dict[str, Found], dict[tuple[str, int], str]]:
         raise FileNotFoundError(f"model repository {root} is not a directory")
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         versions: dict[int, Path] = {}
+        ignored: list[str] = []
         numbered = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
         for path in sorted(numbered, key=lambda p: (int(p.name), len(p.name))):  # 1 before 01
             version = int(path.name)
             if version == 0 or version in versions:  # 0 means "latest" in the API; 1 and 01
-                problems[(model_dir.name, 0)] = (
-                    f"version directory {path.name} ignored: versions are numbered from 1, "
-                    "one directory each"
-                )
+                ignored.append(path.name)
                 continue
             versions[version] = path
+        if ignored:
+            what = "directory" if len(ignored) == 1 else "directories"
+            problems[(model_dir.name, 0)] = (
+                f"version {what} {', '.join(ignored)} ignored: versions are numbered from 1, "
+                "one directory each"
+            )
         if not versions:
             continue
         policy: VersionPolicy | None
         try:
             policy = read_policy(model_dir)
         except ConfigError as exc:
-            problems[(model_dir.name, 0)] = str(exc)
+            earlier = problems.get((model_dir.name, 0))
+            problems[(model_dir.name, 0)] = f"{earlier}; {exc}" if earlier else str(exc)
             policy = None
         prints = {v: _fingerprint(path) for v, path in versions.items()}
         found[model_dir.name] = Found(policy, versions, prints)

@@ -37,3 +37,13 @@ def test_the_model_config_is_part_of_each_version_fingerprint(tmp_path: Path) ->
     before = scan(tmp_path)[0]["m"].fingerprints[1]
     (tmp_path / "m" / "config.json").write_text('{"max_length": 5}')
     assert scan(tmp_path)[0]["m"].fingerprints[1] != before
+
+
+def test_every_ignored_version_directory_is_reported(tmp_path: Path) -> None:
+    _dirs(tmp_path, "m/0", "m/1", "m/01", "m/001")
+    (tmp_path / "m" / "config.json").write_text('{"version_policy": {"versions": []}}')
+    found, problems = scan(tmp_path)
+    said = problems[("m", 0)]
+    assert "version directories 0, 01, 001 ignored" in said
+    assert "version_policy" in said  # the broken config too, not instead
+    assert found["m"].policy is None
