@@ -5,21 +5,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import importlib.metadata
 import json
 import os
+import re
 import signal
 import sys
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-# Client commands talk to the local server unless told otherwise; in a container the health
-# check follows the port the server was given.
-DEFAULT_TARGET = os.environ.get(
-    "RNNSERVE_TARGET", f"127.0.0.1:{os.environ.get('RNNSERVE_PORT', '8500')}"
-)
+
+def _default_target() -> str:
+    # Client commands talk to the local server unless told otherwise; in a container the health
+    # check follows the port the server was given. Read when parsing, so that `main()` called in
+    # a process sees the environment of that moment.
+    port = os.environ.get("RNNSERVE_PORT", "8500")
+    return os.environ.get("RNNSERVE_TARGET", f"127.0.0.1:{port}")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -57,31 +62,39 @@ async def _run_server(settings: Any) -> int:
     return 0
 
 
-def _read_sequences(paths: Sequence[str], tokens: Callable[[], bool]) -> list[np.ndarray]:
+def _read_sequences(
+    paths: Sequence[str], tokens: Callable[[], bool]
+) -> list[tuple[str, np.ndarray]]:
     """.npy (one [T, D] or [T] array), .npz (one sequence per array), .csv: float features with
     one row per timestep, or, for a model that takes token ids (`tokens()`, asked only when a
-    .csv comes), the ids of one sequence in order."""
-    sequences: list[np.ndarray] = []
+    .csv comes), the ids of one sequence in order. Each comes with its name: the file, or
+    `file:array` for an array of an .npz."""
+    named: list[tuple[str, np.ndarray]] = []
     for name in paths:
         path = Path(name)
-        if path.suffix == ".npz":
-            with np.load(path) as archive:
-                sequences.extend(archive[key] for key in archive.files)
-        elif path.suffix == ".npy":
-            sequences.append(np.load(path))
-        elif path.suffix == ".csv":
-            sequences.append(_read_csv(path, tokens()))
-        else:
+        if path.suffix not in {".npy", ".npz", ".csv"}:
             raise SystemExit(f"{path}: expected a .npy, .npz or .csv file")
-    return sequences
+        try:
+            if path.suffix == ".npz":
+                with np.load(path) as archive:
+                    named.extend((f"{name}:{key}", archive[key]) for key in archive.files)
+            elif path.suffix == ".npy":
+                named.append((name, np.load(path)))
+            else:
+                named.append((name, _read_csv(path, tokens)))
+        except OSError as exc:  # missing, a directory, not allowed: one line, no traceback
+            raise SystemExit(f"{path}: cannot read it: {exc.strerror or exc}") from None
+        except (ValueError, EOFError, zipfile.BadZipFile) as exc:  # not what its suffix says
+            raise SystemExit(f"{path}: not a {path.suffix} file numpy can read ({exc})") from None
+    return named
 
 
-def _read_csv(path: Path, tokens: bool) -> np.ndarray:
+def _read_csv(path: Path, tokens: Callable[[], bool]) -> np.ndarray:
     try:
         values = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
     except ValueError as exc:
         raise SystemExit(f"{path}: expected comma-separated numbers ({exc})") from None
-    if not tokens:
+    if not tokens():  # asked after the read: a file that cannot be read needs no server
         return values.astype(np.float32)
     ids = values.ravel()
     if not np.all(ids == np.round(ids)):
@@ -105,17 +118,26 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    import grpc
+
     with _client(args) as client:
 
         def tokens() -> bool:
             return bool(client.metadata(args.model, args.version).input_dtype.startswith("int"))
 
-        sequences = _read_sequences(args.files, functools.cache(tokens))
-        predictions = client.predict(
-            args.model, sequences, version=args.version, output=args.output, top_k=args.top_k
-        )
+        named = _read_sequences(args.files, functools.cache(tokens))
+        try:
+            predictions = client.predict(
+                args.model,
+                [sequence for _, sequence in named],
+                version=args.version,
+                output=args.output,
+                top_k=args.top_k,
+            )
+        except grpc.RpcError as err:
+            return _refused(err, _name_sequence(err.details() or "", [n for n, _ in named]))
     rows = []
-    for name, p in zip(_names(args.files, sequences), predictions, strict=True):
+    for (name, _), p in zip(named, predictions, strict=True):
         row: dict[str, Any] = {"input": name, "length": p.length}
         for out in p.outputs.values():
             value: dict[str, Any] = {}
@@ -134,28 +156,43 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _names(files: Sequence[str], sequences: Sequence[np.ndarray]) -> list[str]:
-    names: list[str] = []
-    for name in files:
-        if name.endswith(".npz"):
-            with np.load(name) as archive:
-                names.extend(f"{name}:{key}" for key in archive.files)
-        else:
-            names.append(name)
-    return names[: len(sequences)]
+def _name_sequence(details: str, names: Sequence[str]) -> str:
+    """The server's `sequence N` (its index across all files) followed by the file holding it."""
+
+    def named(match: re.Match[str]) -> str:
+        index = int(match[1])
+        return f"{match[0]} ({names[index]})" if index < len(names) else match[0]
+
+    return re.sub(r"\bsequence (\d+)\b", named, details, count=1)
 
 
 def _health(args: argparse.Namespace) -> int:
     import grpc
 
-    try:
-        with _client(args) as client:
+    with _client(args) as client:
+        try:
             ok = client.health(args.model, timeout=args.timeout)
-    except grpc.RpcError as err:
-        print(f"unhealthy: {err.code().name}: {err.details()}", file=sys.stderr)
-        return 1
+        except grpc.RpcError as err:
+            details = err.details()
+            if args.model and err.code() == grpc.StatusCode.NOT_FOUND:
+                # The health service gives no message for a service it does not know.
+                details = f"the server serves no model named {args.model!r}{_served(client)}"
+            print(f"unhealthy: {err.code().name}: {details}", file=sys.stderr)
+            return 1
     print("SERVING" if ok else "NOT_SERVING")
     return 0 if ok else 1
+
+
+def _served(client: Any) -> str:
+    """` (it serves: a, b)` from ListModels, or nothing if that call fails (it may need a token
+    where health does not)."""
+    import grpc
+
+    try:
+        names = sorted(model.name for model in client.list_models().models)
+    except grpc.RpcError:
+        return ""
+    return f" (it serves: {', '.join(names) or 'none'})"
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -181,7 +218,12 @@ def _metadata(args: argparse.Namespace) -> int:
 
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default=DEFAULT_TARGET, help="server address host:port")
+    parser.add_argument(
+        "--target",
+        default=_default_target(),
+        help="server address host:port (default: %(default)s; env RNNSERVE_TARGET, else "
+        "127.0.0.1:$RNNSERVE_PORT, else 127.0.0.1:8500)",
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     parser.add_argument("--token", help="bearer token (or env RNNSERVE_TOKEN)")
     parser.add_argument(
@@ -201,10 +243,20 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_MODEL_VERSION = "model version (0: the latest ready one)"
+
+
 def parser() -> argparse.ArgumentParser:
     from rnnserve.server.settings import add_arguments
 
     root = argparse.ArgumentParser(prog="rnnserve", description=__doc__)
+    # Only before the command: after it, `--version` is the model version of predict/metadata.
+    root.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {importlib.metadata.version('rnnserve')}",
+        help="print the installed rnnserve version and exit",
+    )
     sub = root.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(
@@ -224,15 +276,31 @@ def parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("model")
     predict.add_argument("files", nargs="+")
-    predict.add_argument("--version", type=int, default=0)
+    predict.add_argument("--version", type=int, default=0, help=_MODEL_VERSION)
     predict.add_argument(
-        "--output", default="default", choices=["default", "sequence", "steps", "both"]
+        "--output",
+        default="default",
+        choices=["default", "sequence", "steps", "both"],
+        help="default: each output in its own kind (a row per sequence for a many-to-one head, "
+        "a row per timestep for a per-step head); sequence: a row per sequence for every head; "
+        "steps: a row per timestep for every head; both (default: %(default)s)",
     )
-    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument(
+        "--top-k",
+        type=int,
+        default=3,
+        help="for outputs with labels, the best classes to show (0: none; default: %(default)s)",
+    )
     _client_flags(predict)
     predict.set_defaults(func=_predict)
 
-    health = sub.add_parser("health", help="exit 0 when the server (or --model) is serving")
+    health = sub.add_parser(
+        "health",
+        help="exit 0 when the server (or --model) is serving",
+        description="Check that the server, or one model with --model, is serving: prints "
+        "SERVING and exits 0, else says why and exits 1 (also when no answer comes within "
+        "--timeout, 5 s by default).",
+    )
     health.add_argument("--model", default="", help="check one model instead of the server")
     _client_flags(health)
     health.set_defaults(func=_health, timeout=5.0)
@@ -243,7 +311,7 @@ def parser() -> argparse.ArgumentParser:
 
     metadata = sub.add_parser("metadata", help="show a model's inputs, outputs and abilities")
     metadata.add_argument("model")
-    metadata.add_argument("--version", type=int, default=0)
+    metadata.add_argument("--version", type=int, default=0, help=_MODEL_VERSION)
     _client_flags(metadata)
     metadata.set_defaults(func=_metadata)
     return root
@@ -255,9 +323,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
-    except grpc.RpcError as err:  # a refusal is an answer: its status and message, no traceback
-        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
-        return 1
+    except grpc.RpcError as err:
+        return _refused(err, err.details())
+
+
+def _refused(err: Any, details: str | None) -> int:
+    # A refusal is an answer: its status and message, no traceback.
+    print(f"error: {err.code().name}: {details}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -135,7 +135,9 @@ def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; defaults stay None so that unset flags fall through to env/file."""
-    parser.add_argument("--config", help="TOML settings file ([server] section)")
+    parser.add_argument(
+        "--config", help="TOML settings file ([server] table) [env RNNSERVE_CONFIG]"
+    )
     for f in _fields():
         flag = "--" + f.name.replace("_", "-")
         env = "RNNSERVE_" + f.name.upper()
@@ -143,9 +145,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(
-                flag, type=str, metavar=type(f.default).__name__.upper(), help=help_text
-            )
+            # Choices only shown: `_coerce` checks them for every source, with its own message.
+            choices = f.metadata.get("choices")
+            metavar = "{" + ",".join(choices) + "}" if choices else type(f.default).__name__.upper()
+            parser.add_argument(flag, type=str, metavar=metavar, help=help_text)
 
 
 def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:

@@ -40,10 +40,13 @@ def test_bad_values_name_the_setting(tmp_path: Path) -> None:
 def test_every_setting_has_a_flag_and_help() -> None:
     parser = settings_mod.argparse.ArgumentParser()
     settings_mod.add_arguments(parser)
-    text = parser.format_help()
+    text = " ".join(parser.format_help().split())  # unwrapped
     for name in Settings.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text
         assert "RNNSERVE_" + name.upper() in text
+    assert "--log-level {debug,info,warning,error}" in text  # the values a setting accepts
+    assert "--session-overflow {evict,refuse}" in text
+    assert "[env RNNSERVE_CONFIG]" in text
 
 
 def test_readme_documents_every_setting() -> None:
