@@ -305,7 +305,13 @@ def parser() -> argparse.ArgumentParser:
     _client_flags(health)
     health.set_defaults(func=_health, timeout=5.0)
 
-    models = sub.add_parser("models", help="list models, versions and their states")
+    models = sub.add_parser(
+        "models",
+        help="list models, versions and their states",
+        description="One line per model version: name, version, state (loading, ready, "
+        "draining, failed) and, for a failed one, why. Version 0 of a model is the model "
+        "as a whole (a broken config.json, ignored version directories).",
+    )
     _client_flags(models)
     models.set_defaults(func=_models)
 
