@@ -259,18 +259,31 @@ class AsyncSession:
         """End the session on the server and the stream (nothing once the stream has ended)."""
         if self._open:
             self._open = False
-            await self._call.write(pb.StreamRequest(close=True))
-            await self._call.read()
-            await self._call.done_writing()
+            if not await self._finish(pb.StreamRequest(close=True)):
+                raise RuntimeError(f"the stream of session {self.id} ended before it was closed")
 
     async def detach(self) -> str:
         """End the stream but keep the session on the server; returns its id for resuming."""
         if self._open:
             self._open = False
+            await self._finish()
+        return self.id
+
+    async def _finish(self, *requests: pb.StreamRequest) -> int:
+        """Send `requests`, half-close, and read the stream to its end, so that the call has
+        finished when the session is done with it (see `Session._finish`); cancel it if any of
+        that fails. Returns how many answers came."""
+        answers = 0
+        try:
+            for request in requests:
+                await self._call.write(request)
             await self._call.done_writing()
             while await self._call.read() is not grpc.aio.EOF:
-                pass
-        return self.id
+                answers += 1
+        except BaseException:
+            self._call.cancel()
+            raise
+        return answers
 
     async def __aenter__(self) -> AsyncSession:
         return await self.open()

@@ -148,11 +148,17 @@ def predict_request(
 
 def check_open(is_open: bool, session_id: str) -> None:
     """A session's stream that has ended takes no more chunks: say so, and how to go on."""
-    if not is_open:
+    if is_open:
+        return
+    if not session_id:  # only an asyncio session exists before it has opened (or if that failed)
         raise RuntimeError(
-            f"the stream of session {session_id or '(not opened)'} has ended; resume the session "
-            "with client.session(session_id=...)"
+            "the session is not open: open it with `async with client.session(...) as s:` or "
+            "`await s.open()`"
         )
+    raise RuntimeError(
+        f"the stream of session {session_id} has ended; resume the session "
+        "with client.session(session_id=...)"
+    )
 
 
 def chunk_timeout(session_id: str, timeout: float) -> TimeoutError:

@@ -43,7 +43,7 @@ class Output:
     @property
     def label(self) -> str | None:
         """The best class's label, when top_k was asked for and the output has labels."""
-        return self.top_k[0].label if self.top_k else None
+        return (self.top_k[0].label or None) if self.top_k else None  # unlabelled: '' on the wire
 
 
 @dataclass(frozen=True)

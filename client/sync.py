@@ -238,6 +238,9 @@ class Session:
             self._call = client.stub.Stream(
                 iter(self._requests.get, None), timeout=timeout, metadata=client._metadata
             )
+            # A session dropped, or still open at interpreter exit, ends its call now, not after
+            # the server answers the half-close: see `_finish`.
+            weakref.finalize(self, self._call.cancel)
             self._responses: Iterator[pb.StreamResponse] = iter(self._call)
             opened = next(self._responses).opened
             self.info = session_info(opened)
@@ -291,19 +294,27 @@ class Session:
         if self._open:
             self._open = False
             self._requests.put(pb.StreamRequest(close=True))
-            try:
-                next(self._responses)
-            finally:
-                self._end_requests()
+            self._end_requests()
+            if not self._finish():
+                raise RuntimeError(f"the stream of session {self.id} ended before it was closed")
 
     def detach(self) -> str:
         """End the stream but keep the session on the server; returns its id for resuming."""
         if self._open:
             self._open = False
             self._end_requests()
-            for _ in self._responses:
-                pass
+            self._finish()
         return self.id
+
+    def _finish(self) -> list[pb.StreamResponse]:
+        """Read the stream to its end, so that the call has finished when the session is done
+        with it (a call still in progress when the interpreter exits can deadlock gRPC's
+        collection of it); cancel it if the reading fails."""
+        try:
+            return list(self._responses)
+        except BaseException:
+            self._call.cancel()  # a no-op on a call that has already ended
+            raise
 
     def __enter__(self) -> Session:
         return self
