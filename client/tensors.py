@@ -20,6 +20,19 @@ NUMPY_DTYPES: dict[int, np.dtype] = {
 }
 _FROM_NUMPY: dict[str, int] = {dt.str[1:]: code for code, dt in NUMPY_DTYPES.items()}
 _F32 = np.dtype("<f4")
+# numpy's own limit. Past it a shape is no array, and the product of many huge dimensions takes
+# time quadratic in their number to work out: a hostile shape is refused by its rank first.
+MAX_RANK = 32
+_SHOWN_DIMS = 6
+
+
+def shape_text(shape: tuple[int, ...] | list[int]) -> str:
+    """A shape for a message, cut short when it has many dimensions (the message goes back in
+    gRPC metadata, which has a size limit, and into the log)."""
+    if len(shape) <= _SHOWN_DIMS:
+        return str(list(shape))
+    head = ", ".join(map(str, shape[:_SHOWN_DIMS]))
+    return f"[{head}, ...] ({len(shape)} dimensions)"
 
 
 def dtype_name(code: int) -> str:
@@ -53,12 +66,15 @@ def from_tensor(tensor: pb.Tensor) -> np.ndarray:
     if dt is None:
         raise ValueError(f"unknown dtype code {tensor.dtype}")
     shape = tuple(tensor.shape)
+    if len(shape) > MAX_RANK:
+        raise ValueError(f"shape {shape_text(shape)}: at most {MAX_RANK} dimensions")
     if min(shape, default=0) < 0:
-        raise ValueError(f"shape {list(shape)} has a negative dimension")
+        raise ValueError(f"shape {shape_text(shape)} has a negative dimension")
     data = tensor.data  # each read of a bytes field makes a new object: read it once
     expected = math.prod(shape) * dt.itemsize
     if len(data) != expected:
         raise ValueError(
-            f"shape {list(shape)} of {dt.name} needs {expected} bytes, payload has {len(data)}"
+            f"shape {shape_text(shape)} of {dt.name} needs {expected} bytes, payload has "
+            f"{len(data)}"
         )
     return np.frombuffer(data, dtype=dt).reshape(shape)

@@ -241,7 +241,7 @@ class Server:
             try:
                 saved = self.sessions.save(path)
                 log.info("saved %d sessions to %s", saved, path)
-            except OSError as exc:  # the rest of the shutdown must still happen
+            except Exception as exc:  # the rest of the shutdown must still happen
                 log.error("could not save sessions to %s: %s; they are lost", path, exc)
         if self._grpc is not None:
             await self._grpc.stop(max(deadline - loop.time(), 0.0))

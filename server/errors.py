@@ -8,6 +8,18 @@ from __future__ import annotations
 
 import grpc
 
+# A status message travels in gRPC metadata, whose size is limited (a client refuses trailers
+# past 16 KiB by default, and then reports that instead of the status): messages are cut here.
+MAX_MESSAGE = 2000
+_MAX_NAME = 100
+
+
+def quoted(name: str) -> str:
+    """A name the client sent, quoted for a message, cut short if it is long."""
+    if len(name) <= _MAX_NAME:
+        return repr(name)
+    return f"{name[:_MAX_NAME]!r}... ({len(name)} characters)"
+
 
 class ServeError(Exception):
     """Base class: an error whose message is safe and useful to show the client."""
@@ -58,6 +70,9 @@ class InferenceFailed(ServeError):
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client receives for `exc`."""
     if isinstance(exc, ServeError):
-        return exc.code, str(exc)
+        message = str(exc)
+        if len(message) > MAX_MESSAGE:
+            message = f"{message[:MAX_MESSAGE]}... (cut from {len(message)} characters)"
+        return exc.code, message
     # Anything unexpected is a bug of ours: say so without leaking internals.
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rnnserve.client.tensors import NUMPY_DTYPES, dtype_name
+from rnnserve.client.tensors import NUMPY_DTYPES, dtype_name, shape_text
 from rnnserve.server.errors import InvalidInput, ResourceExhausted
 from rnnserve.v1 import inference_pb2 as pb
 
@@ -53,18 +53,19 @@ def decode_sequence(spec: InputSpec, tensor: pb.Tensor, where: str) -> np.ndarra
         raise InvalidInput(f"{where}: expected {spec.description}, got dtype {dtype_name(code)}")
     dtype = NUMPY_DTYPES[code]
     shape = tuple(tensor.shape)
-    data = tensor.data
-    if min(shape, default=0) < 0:
+    # The rank first: the size of a shape of many huge dimensions takes long to work out.
+    if len(shape) != spec.rank or shape[1:] != spec.step_shape:
+        raise InvalidInput(f"{where}: expected {spec.description}, got shape {shape_text(shape)}")
+    length = shape[0]
+    if length < 0:
         raise InvalidInput(f"{where}: shape {list(shape)} has a negative dimension")
+    data = tensor.data
     needed = math.prod(shape) * dtype.itemsize
     if len(data) != needed:
         raise InvalidInput(
             f"{where}: shape {list(shape)} of {dtype.name} needs {needed} bytes, payload has "
             f"{len(data)}"
         )
-    if len(shape) != spec.rank or shape[1:] != spec.step_shape:
-        raise InvalidInput(f"{where}: expected {spec.description}, got shape {list(shape)}")
-    length = shape[0]
     if length == 0:
         raise InvalidInput(f"{where}: empty sequence; expected {spec.description}")
     if length > spec.max_length:
@@ -99,7 +100,7 @@ def check_request_size(
     count = len(tensors)
     if count == 1:  # the common case: no totals to add up
         shape = tensors[0].shape
-        if shape and shape[0] > max_timesteps:
+        if shape and shape[0] > max_timesteps and _claimed(tensors[0]):
             raise ResourceExhausted(
                 f"{shape[0]} timesteps in one request; the limit is {max_timesteps}, split it"
             )
@@ -112,9 +113,19 @@ def check_request_size(
         )
     total = sum(int(t.shape[0]) if t.shape else 0 for t in tensors)
     if total > max_timesteps:
+        total = sum(_claimed(t) for t in tensors)
+    if total > max_timesteps:
         raise ResourceExhausted(
             f"{total} timesteps in one request; the limit is {max_timesteps}, split it"
         )
+
+
+def _claimed(tensor: pb.Tensor) -> int:
+    """The timesteps a tensor claims, if its payload could hold them (one element each at
+    least); else 0: decoding refuses it then, for its payload, not for the request's size."""
+    length = int(tensor.shape[0]) if tensor.shape else 0
+    dtype = NUMPY_DTYPES.get(tensor.dtype)
+    return length if dtype is not None and len(tensor.data) >= length * dtype.itemsize else 0
 
 
 def decode_request(spec: InputSpec, tensors: Sequence[pb.Tensor]) -> list[np.ndarray]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnserve.server.errors import InvalidInput
+from rnnserve.server.errors import InvalidInput, quoted
 from rnnserve.server.runner import RowResult
 from rnnserve.server.served_model import ServedModel
 from rnnserve.v1 import inference_pb2 as pb
@@ -40,6 +40,11 @@ class Selection:
 
 def select(model: ServedModel, mode: int, names: Sequence[str], top_k: int) -> Selection:
     """The outputs to send for these request options (worked out once per distinct options)."""
+    if len(names) > len(model.outputs):  # before the cache key: it would hold every name sent
+        raise InvalidInput(
+            f"{len(names)} output names for model {model.name}, which has "
+            f"{len(model.outputs)} outputs; name each at most once"
+        )
     key = (mode, top_k, *names)
     selection = model.selections.get(key)
     if selection is None:
@@ -54,6 +59,9 @@ def _select(model: ServedModel, mode: int, names: Sequence[str], top_k: int) -> 
         raise InvalidInput(f"unknown output_mode {mode}; expected DEFAULT, SEQUENCE, STEPS or BOTH")
     if top_k < 0:
         raise InvalidInput(f"top_k must be >= 0, got {top_k}")
+    if len(set(names)) < len(names):
+        twice = next(n for i, n in enumerate(names) if n in names[:i])
+        raise InvalidInput(f"output {quoted(twice)} is named twice; name each output at most once")
     indices = [model.output_index(n) for n in names] if names else range(len(model.outputs))
     heads = []
     for h in indices:

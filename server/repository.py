@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rnnserve.server.batching import BatchObserver
-from rnnserve.server.errors import NotFound
+from rnnserve.server.errors import NotFound, quoted
 from rnnserve.server.model_config import (
     CONFIG_FILE,
     ConfigError,
@@ -142,7 +142,7 @@ class Repository:
         if not versions:
             known = ", ".join(sorted(self._served)) or "none"
             why = self._failed_reason(name)
-            return NotFound(f"model {name!r} is not served{why}; models served: {known}")
+            return NotFound(f"model {quoted(name)} is not served{why}; models served: {known}")
         ready = sorted(v for v, m in versions.items() if _usable(m, draining_ok))
         listed = ", ".join(map(str, ready)) or "none"
         return NotFound(

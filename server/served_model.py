@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from rnnserve.server.batching import Batcher, BatchObserver, BatchPolicy
-from rnnserve.server.errors import InvalidInput
+from rnnserve.server.errors import InvalidInput, quoted
 from rnnserve.server.forward import Forward
 from rnnserve.server.inputs import InputSpec
 from rnnserve.server.model_config import ConfigError, ModelConfig
@@ -76,7 +76,9 @@ class ServedModel:
             if spec.name == name:
                 return i
         names = ", ".join(o.name for o in self.plan.outputs)
-        raise InvalidInput(f"model {self.name} has no output {name!r}; its outputs are {names}")
+        raise InvalidInput(
+            f"model {self.name} has no output {quoted(name)}; its outputs are {names}"
+        )
 
 
 def find_model_file(version_dir: Path) -> Path:

@@ -441,7 +441,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     yield pb.StreamResponse(closed=self.sessions.close(session.id))
                     return
                 if kind != "chunk":
-                    raise InvalidInput(f"expected a chunk or close message, got {kind}")
+                    got = kind or "an empty message"
+                    raise InvalidInput(f"expected a chunk or close message, got {got}")
                 chunk = _Call(self.metrics, "StreamChunk", call.request_id)
                 chunk.model, chunk.version = session.model, session.version
                 try:

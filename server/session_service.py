@@ -38,6 +38,10 @@ from rnnserve.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+# Timesteps a session may say it has consumed: far beyond any stream (a million years at 100 Hz),
+# far from int64's end, which a chunk added to a tampered count would pass.
+MAX_STEPS = 2**53
+
 
 class SessionService:
     def __init__(self, repository: Repository, store: SessionStore, *, saved: bool = False) -> None:
@@ -199,10 +203,12 @@ class SessionService:
                 f"session state for {model.name} version {model.version} needs state tensors of "
                 f"sizes {sizes}, got shapes {[list(g) for g in got]}"
             )
+        with np.errstate(over="ignore"):  # float64 beyond float32's range: Inf, refused below
+            arrays = [a.astype(np.float32) for a in arrays]
         if not all(np.isfinite(a).all() for a in arrays):
-            raise InvalidInput("session state holds NaN or Inf")
-        if state.steps < 0:
-            raise InvalidInput(f"session state has negative steps {state.steps}")
+            raise InvalidInput("session state holds NaN or Inf (as float32)")
+        if not 0 <= state.steps <= MAX_STEPS:
+            raise InvalidInput(f"session state has steps {state.steps}; expected 0 to {MAX_STEPS}")
         session = Session(
             id=check_session_id(state.session_id) if state.session_id else new_session_id(),
             model=model.name,
@@ -212,7 +218,7 @@ class SessionService:
             last_used=self.store.now(),
         )
         if arrays:
-            session.set_states([a.astype(np.float32) for a in arrays])
+            session.set_states(arrays)
         self.store.add(session)
         model.sessions.add(session.id)
         return session
@@ -228,13 +234,13 @@ class SessionService:
                 for session in self.store:
                     try:
                         message = self.export(session.id).SerializeToString()
-                    except ServeError as exc:
+                    except Exception as exc:  # one session must not cost the others theirs
                         log.warning("session %s not saved: %s", session.id, exc)
                         continue
                     _write_record(out, message)
                     count += 1
             os.replace(tmp, path)
-        except OSError:
+        except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return count

@@ -103,6 +103,40 @@ BAD: list[tuple[str, pb.PredictRequest, grpc.StatusCode, list[str]]] = [
         ["expected float32 features", "got dtype unspecified"],
     ),
     (
+        # The size of such a shape takes time quadratic in its rank to work out (a 720 KB
+        # request held the event loop for 12 s), and its message would be huge: refused by rank.
+        "many huge dimensions",
+        _raw(pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[10] + [2**62] * 3000, data=b"")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["expected float32 features of shape [T, 6]", "(3001 dimensions)"],
+    ),
+    (
+        "a shape its payload cannot hold (not a request too large)",
+        _raw(pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[2**40, D], data=b"\0" * 480)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        [f"needs {2**40 * D * 4} bytes, payload has 480"],
+    ),
+    (
+        "an output named twice",
+        _raw(_float(np.ones((3, D))), "multi_output", output_names=["label", "label"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["output 'label' is named twice"],
+    ),
+    (
+        # Each distinct list of names was kept in a per-model cache: 500,000 names, ~80 MB each.
+        "more output names than the model has outputs",
+        pb.PredictRequest(model_name=FLOAT_MODEL, output_names=["label"] * 500_000),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["500000 output names for model lstm_masked, which has 1 outputs"],
+    ),
+    (
+        # Echoed whole, it made the status larger than gRPC's metadata limit.
+        "a model name of 100,000 characters",
+        _raw(_float(np.ones((3, D))), "m" * 100_000),
+        grpc.StatusCode.NOT_FOUND,
+        ["is not served", "... (100000 characters)"],
+    ),
+    (
         "no sequences",
         pb.PredictRequest(model_name=FLOAT_MODEL),
         grpc.StatusCode.INVALID_ARGUMENT,

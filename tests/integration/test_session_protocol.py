@@ -125,6 +125,9 @@ def test_streams_that_break_the_protocol_get_invalid_argument(zoo_server: Any) -
     assert kinds == ["opened"]
     assert failed.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "expected a chunk or close message, got open" in failed.details()
+    kinds, failed = _stream(zoo_server.target, [opening, pb.StreamRequest()])
+    assert failed.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failed.details() == "expected a chunk or close message, got an empty message"
 
 
 def test_a_stream_refused_at_open_leaves_no_session_behind(zoo_server: Any) -> None:
@@ -162,7 +165,13 @@ def test_importing_a_bad_state_is_refused(zoo_server: Any) -> None:
         good = client.export_session(info.session_id, remove=True)
         cases = {
             "names its model version": lambda s: s.ClearField("model_version"),
-            "negative steps": lambda s: setattr(s, "steps", -1),
+            "steps -1; expected 0 to": lambda s: setattr(s, "steps", -1),
+            # A chunk added to it overflowed int64: the session broke, and so did saving them all.
+            "steps 9223372036854775807; expected 0 to": lambda s: setattr(s, "steps", 2**63 - 1),
+            # Finite as float64, Inf once stored as float32: every answer after it was NaN.
+            "NaN or Inf (as float32)": lambda s: s.states[0].CopyFrom(
+                to_tensor(np.full(len(np.frombuffer(s.states[0].data, np.float32)), 1e300))
+            ),
             "NaN or Inf": lambda s: s.states[0].CopyFrom(
                 to_tensor(np.full(len(np.frombuffer(s.states[0].data, np.float32)), np.nan))
             ),
