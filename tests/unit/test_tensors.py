@@ -30,3 +30,12 @@ def test_size_mismatch_is_named() -> None:
 def test_unsupported_dtype_is_refused() -> None:
     with pytest.raises(ValueError, match="cannot be sent"):
         to_tensor(np.zeros(3, dtype=bool))
+
+
+def test_a_shape_of_many_huge_dimensions_is_refused_by_its_rank() -> None:
+    """Its size would have more than 4,300 digits (Python refuses to print it) and takes time
+    quadratic in the rank to work out; the message shows the start of the shape only."""
+    t = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[2**62] * 1000, data=b"")
+    with pytest.raises(ValueError, match=r"\(1000 dimensions\): at most 32 dimensions") as refused:
+        from_tensor(t)
+    assert len(str(refused.value)) < 200
