@@ -21,6 +21,9 @@ Each runs as its own process on 127.0.0.1 (grpc.aio, the generated servicer base
   `Forward` (XLA, every bucket compiled first) on padded batches of B sequences drawn from the
   given test split. Prints JSON.
 
+Every server sets its long-lived objects aside from garbage collection once it is ready
+(`rnnserve.server.heap.settle`), as rnnserve does.
+
     python benchmarks/baselines.py careful --model-dir models/japanese_vowels/1 --port 9001 \
         --lengths 7 8 9 ... 29
 """
@@ -44,6 +47,7 @@ import grpc
 import numpy as np
 
 from rnnserve.client.tensors import from_tensor, to_tensor
+from rnnserve.server import heap
 from rnnserve.v1 import inference_pb2 as pb
 from rnnserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -116,6 +120,9 @@ async def serve(servicer: pb_grpc.InferenceServicer, port: int) -> None:
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     if not server.add_insecure_port(f"127.0.0.1:{port}"):
         raise OSError(f"cannot bind 127.0.0.1:{port}")
+    # As rnnserve does once its models are loaded: the comparison is about batching, not about
+    # full garbage collections walking the model's objects (~150 ms each, every few seconds).
+    heap.settle()
     await server.start()
     progress(f"{type(servicer).__name__} serving on 127.0.0.1:{port}")
     stop = asyncio.Event()

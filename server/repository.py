@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rnnserve.server import heap
 from rnnserve.server.batching import BatchObserver
 from rnnserve.server.errors import NotFound, quoted
 from rnnserve.server.model_config import (
@@ -197,6 +198,7 @@ class Repository:
                     del self._failed[key]
                     self._failed_prints.pop(key, None)
             wanted: dict[str, set[int]] = {}
+            changed = False  # a version loaded or unloaded
             for name, entry in found.items():
                 if entry.policy is None:  # its config is broken: keep serving what it serves
                     wanted[name] = set(self._served.get(name, {}))
@@ -210,6 +212,7 @@ class Repository:
                     version = missing[-1]
                     if await self._load(name, version, entry.versions[version]):
                         self._loaded_prints[(name, version)] = entry.fingerprints[version]
+                        changed = True
                     else:
                         self._failed_prints[(name, version)] = entry.fingerprints[version]
             self._warn_of_changed_files(found)
@@ -222,7 +225,8 @@ class Repository:
                     log.info("model %s version %d is wanted again", served.name, served.version)
                     served.state = LoadState.READY
                     self._notify(served.name, served.version, "ready", None)
-            await self._unload_drained()
+            if await self._unload_drained() or changed:
+                heap.settle()
 
     def _warn_of_changed_files(self, found: dict[str, Found]) -> None:
         """A loaded version is not reloaded when its files change (a half-copied file must not
@@ -272,7 +276,9 @@ class Repository:
         served.state = LoadState.DRAINING
         self._notify(served.name, served.version, "draining", None)
 
-    async def _unload_drained(self) -> None:
+    async def _unload_drained(self) -> int:
+        """Unload the drained versions that nothing holds any more; returns how many."""
+        unloaded = 0
         for served in self.served():
             if served.state is LoadState.DRAINING and not served.sessions:
                 if served.batcher.busy:
@@ -285,6 +291,8 @@ class Repository:
                 await served.close()
                 log.info("model %s version %d unloaded", served.name, served.version)
                 self._notify(served.name, served.version, "unloaded", None)
+                unloaded += 1
+        return unloaded
 
     async def watch(self, interval: float) -> None:
         """Re-scan every `interval` seconds until cancelled. A scan that fails is logged and the

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import shutil
+import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,3 +78,27 @@ def test_files_changed_under_a_loaded_version_are_reported_once(
 
     with caplog.at_level(logging.WARNING, logger="rnnserve.server.repository"):
         assert asyncio.run(main()) == [0, 1, 1]
+
+
+def test_an_unloaded_version_is_freed_though_long_lived_objects_are_set_aside(
+    tmp_path: Path,
+) -> None:
+    """Models are set aside from garbage collection once loaded (`heap.settle`); a version
+    that unloads must still be freed, cycles and all, not kept for the life of the process."""
+    root = tmp_path / "models"
+    zoo.write_repository(root, ["lstm_masked"])
+    model = root / "lstm_masked"
+    repository = Repository(Settings(model_dir=str(root), warmup=False, xla=False))
+
+    async def main() -> tuple[weakref.ref[Any], int]:
+        await repository.sync()
+        frozen = gc.get_freeze_count()
+        first = weakref.ref(repository.resolve("lstm_masked").plan.steps[-1].original)  # Keras
+        shutil.copytree(model / "1", model / "2")
+        await repository.sync()  # 1 drains and unloads
+        await repository.close()
+        return first, frozen
+
+    first, frozen = asyncio.run(main())
+    assert frozen > 0  # the loaded model was set aside
+    assert first() is None, "the unloaded version is still alive"
