@@ -122,7 +122,7 @@ async def serve(servicer: pb_grpc.InferenceServicer, port: int) -> None:
         raise OSError(f"cannot bind 127.0.0.1:{port}")
     # As rnnserve does once its models are loaded: the comparison is about batching, not about
     # full garbage collections walking the model's objects (~150 ms each, every few seconds).
-    heap.settle()
+    heap.settle(unloaded=False)
     await server.start()
     progress(f"{type(servicer).__name__} serving on 127.0.0.1:{port}")
     stop = asyncio.Event()

@@ -4,8 +4,9 @@ A served model is hundreds of thousands of Python objects (TensorFlow's and Kera
 full collection walks them all: ~150 ms with the shipped models, during which the event loop
 and every batch stand still. Under load one came every 3-5 s. `gc.freeze()` moves the objects
 alive now into a generation no collection visits; objects freed by reference count are freed
-as before. It is redone after models load or unload, the unfreeze first, so that the cyclic
-garbage of an unloaded model is collected then (one full pass per change of models).
+as before. It is redone after models load (a collection then walks only the objects made since
+the last freeze) or unload (everything is given back to the collector first, so that the cyclic
+garbage of the unloaded model is freed: one full pass).
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import time
 log = logging.getLogger(__name__)
 
 
-def settle() -> None:
-    """Collect what is garbage now, then keep everything alive out of later collections."""
+def settle(*, unloaded: bool) -> None:
+    """Collect what is garbage now, then keep everything alive out of later collections. With
+    `unloaded`, first give the collector back what was set aside: a model unloaded since may be
+    among it."""
     started = time.perf_counter()
-    gc.unfreeze()
+    if unloaded:
+        gc.unfreeze()
     gc.collect()
     gc.freeze()
     log.info(

@@ -225,8 +225,9 @@ class Repository:
                     log.info("model %s version %d is wanted again", served.name, served.version)
                     served.state = LoadState.READY
                     self._notify(served.name, served.version, "ready", None)
-            if await self._unload_drained() or changed:
-                heap.settle()
+            unloaded = await self._unload_drained()
+            if unloaded or changed:
+                heap.settle(unloaded=bool(unloaded))
 
     def _warn_of_changed_files(self, found: dict[str, Found]) -> None:
         """A loaded version is not reloaded when its files change (a half-copied file must not
