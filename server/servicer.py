@@ -171,8 +171,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         would otherwise hold up shutdown for the whole grace period."""
         self.draining = True
         for task, session_id in list(self._waiting.items()):
-            then = f"; {self.sessions.after_shutdown(session_id)}" if session_id else ""
-            self._end_stream(task, Unavailable(f"server is shutting down{then}"))
+            self._end_stream(task, self._shutting_down(session_id))
+
+    def _shutting_down(self, session_id: str) -> Unavailable:
+        """The refusal of a stream's next message while draining ("" before its `open`)."""
+        then = f"; {self.sessions.after_shutdown(session_id)}" if session_id else ""
+        return Unavailable(f"server is shutting down{then}")
 
     def session_ended(self, session_id: str) -> None:
         """End the stream that waits for the next chunk of a session that has just ended (expired,
@@ -190,8 +194,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """The stream's next message (None at its end), unless the server drains or the session
         ends first."""
         if self.draining:
-            then = f"; {self.sessions.after_shutdown(session_id)}" if session_id else ""
-            raise Unavailable(f"server is shutting down{then}")
+            raise self._shutting_down(session_id)
         task = asyncio.current_task()
         assert task is not None
         self._waiting[task] = session_id
@@ -447,8 +450,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 chunk.model, chunk.version = session.model, session.version
                 try:
                     if self.draining:
-                        then = self.sessions.after_shutdown(session.id)
-                        raise Unavailable(f"server is shutting down; {then}")
+                        raise self._shutting_down(session.id)
                     step = await self.sessions.step(
                         session.id, message.chunk, selection, deadline=deadline_of(context)
                     )
