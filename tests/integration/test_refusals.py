@@ -123,6 +123,20 @@ def _cases(client: Client, target: str, pki: dict[str, tuple[str, str]], mtls: s
             lambda: _predict(stub, wrong_size),
         ),
         Case(
+            "a shape of thousands of huge dimensions",
+            INVALID,
+            "(3001 dimensions)",
+            lambda: _predict(
+                stub, pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[10] + [2**62] * 3000)
+            ),
+        ),
+        Case(
+            "more output names than the model has outputs",
+            INVALID,
+            "2 output names for model lstm_masked, which has 1 outputs; name each at most once",
+            lambda: _predict(stub, _f32((3, D)), output_names=["label", "label"]),
+        ),
+        Case(
             "token id outside the vocabulary",
             INVALID,
             f"token ids must be in [0, {zoo.VOCAB}), got values from 1 to 99",
