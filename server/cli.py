@@ -79,7 +79,7 @@ def _read_sequences(
                 with np.load(path) as archive:
                     named.extend((f"{name}:{key}", archive[key]) for key in archive.files)
             elif path.suffix == ".npy":
-                named.append((name, np.load(path)))
+                named.append((name, _read_npy(path)))
             else:
                 named.append((name, _read_csv(path, tokens)))
         except OSError as exc:  # missing, a directory, not allowed: one line, no traceback
@@ -87,6 +87,14 @@ def _read_sequences(
         except (ValueError, EOFError, zipfile.BadZipFile) as exc:  # not what its suffix says
             raise SystemExit(f"{path}: not a {path.suffix} file numpy can read ({exc})") from None
     return named
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    loaded = np.load(path)
+    if not isinstance(loaded, np.ndarray):  # np.load opens any .npz archive, whatever its name
+        loaded.close()
+        raise SystemExit(f"{path}: an .npz archive named .npy; rename it to .npz")
+    return loaded
 
 
 def _read_csv(path: Path, tokens: Callable[[], bool]) -> np.ndarray:

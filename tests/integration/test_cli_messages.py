@@ -42,6 +42,15 @@ def test_unreadable_input_files_are_named(tmp_path: Path, name: str) -> None:
     assert str(exc.value).startswith(f"{path}: ")
 
 
+def test_an_archive_named_npy_is_refused_not_sent(tmp_path: Path) -> None:
+    path = tmp_path / "zipped.npy"
+    with path.open("wb") as f:  # np.savez would add .npz to a str path, not to a file
+        np.savez(f, x=np.ones((3, 2), np.float32))
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "m", str(path), "--target", NOWHERE])
+    assert str(exc.value) == f"{path}: an .npz archive named .npy; rename it to .npz"
+
+
 def test_health_of_an_unknown_model_says_so_and_lists_the_served(
     zoo_server: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
