@@ -53,9 +53,14 @@ def free_ports(count: int) -> list[int]:
 
 @contextmanager
 def server_process(
-    tmp: Path, args: list[str], env: dict[str, str] | None = None, command: list[str] | None = None
+    tmp: Path,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    command: list[str] | None = None,
+    port: int | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
+    """`port`: pass one chosen with `free_ports` beside the other ports a test needs."""
+    port = port or free_port()
     log = (tmp / f"server-{port}.log").open("wb")
     full_env = {**os.environ, **(env or {})}
     cmd = [*(command or [RNNSERVE, "serve"]), *args]
@@ -90,7 +95,7 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_keeps_sessions(
 ) -> None:
     root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
     snapshot = tmp_path / "sessions.bin"
-    metrics_port = free_port()
+    port, metrics_port = free_ports(2)
     args = [
         "--model-dir",
         str(root),
@@ -103,7 +108,7 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_keeps_sessions(
     ]
     rng = np.random.default_rng(0)
     heavy = [rng.normal(size=(3000, zoo.D)).astype(np.float32) for _ in range(64)]
-    with server_process(tmp_path, args) as (process, target):
+    with server_process(tmp_path, args, port=port) as (process, target):
         with Client(target, retry=NO_RETRY, timeout=120) as client:
             session = client.open_session("lstm_masked")
             client.step(session.session_id, heavy[0][:40])
@@ -137,7 +142,7 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_keeps_sessions(
         assert not isinstance(result, grpc.RpcError), result
         assert [p.length for p in result] == [3000] * 64
     assert snapshot.exists()
-    with server_process(tmp_path, args) as (_, target), Client(target) as client:
+    with server_process(tmp_path, args, port=port) as (_, target), Client(target) as client:
         resumed = client.step(session.session_id, heavy[0][40:50], offset=40)
         assert resumed.total_steps == 50
         streamed = client.step(idle.session_id, heavy[1][30:35], offset=30)
