@@ -11,6 +11,7 @@ async with AsyncClient("127.0.0.1:8500") as client:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,6 +29,7 @@ from rnnserve.client.connection import (
     check_open,
     chunk,
     chunk_timeout,
+    close_timeout,
     for_opening,
     metadata,
     predict_request,
@@ -255,31 +257,43 @@ class AsyncSession:
         if self._call is not None:
             self._call.cancel()
 
-    async def close(self) -> None:
-        """End the session on the server and the stream (nothing once the stream has ended)."""
+    async def close(self, *, timeout: float | None = None) -> None:
+        """End the session on the server and the stream (nothing once the stream has ended),
+        waiting at most `timeout` seconds (default: the client's timeout) for the server to
+        confirm (else `TimeoutError`)."""
         if self._open:
             self._open = False
-            if not await self._finish(pb.StreamRequest(close=True)):
+            timeout = self._client.timeout if timeout is None else timeout
+            try:
+                answers = await self._finish(timeout, pb.StreamRequest(close=True))
+            except TimeoutError as exc:
+                raise close_timeout(self.id, timeout or 0.0) from exc
+            if not answers:
                 raise RuntimeError(f"the stream of session {self.id} ended before it was closed")
 
-    async def detach(self) -> str:
-        """End the stream but keep the session on the server; returns its id for resuming."""
+    async def detach(self, *, timeout: float | None = None) -> str:
+        """End the stream but keep the session on the server; returns its id for resuming.
+        After `timeout` seconds (default: the client's timeout) without the server's end of
+        the stream, the call is cancelled, which keeps the session as well."""
         if self._open:
             self._open = False
-            await self._finish()
+            timeout = self._client.timeout if timeout is None else timeout
+            with contextlib.suppress(TimeoutError, grpc.RpcError):  # ended; the session stays
+                await self._finish(timeout)
         return self.id
 
-    async def _finish(self, *requests: pb.StreamRequest) -> int:
+    async def _finish(self, timeout: float | None, *requests: pb.StreamRequest) -> int:
         """Send `requests`, half-close, and read the stream to its end, so that the call has
         finished when the session is done with it (see `Session._finish`); cancel it if any of
-        that fails. Returns how many answers came."""
+        that fails or takes over `timeout` seconds. Returns how many answers came."""
         answers = 0
         try:
-            for request in requests:
-                await self._call.write(request)
-            await self._call.done_writing()
-            while await self._call.read() is not grpc.aio.EOF:
-                answers += 1
+            async with asyncio.timeout(timeout):
+                for request in requests:
+                    await self._call.write(request)
+                await self._call.done_writing()
+                while await self._call.read() is not grpc.aio.EOF:
+                    answers += 1
         except BaseException:
             self._call.cancel()
             raise

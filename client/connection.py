@@ -169,6 +169,14 @@ def chunk_timeout(session_id: str, timeout: float) -> TimeoutError:
     )
 
 
+def close_timeout(session_id: str, timeout: float) -> TimeoutError:
+    return TimeoutError(
+        f"the server did not confirm the close of session {session_id} within {timeout:g}s; the "
+        "stream has ended, and the session may still be on the server: client.close_session() "
+        "ends it, or its idle TTL will"
+    )
+
+
 def chunk(data: ArrayLike, offset: int | None) -> pb.Chunk:
     message = pb.Chunk(data=to_tensor(as_sequence(data)))
     if offset is not None:

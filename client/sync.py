@@ -14,6 +14,7 @@ with Client("127.0.0.1:8500") as client:
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -34,6 +35,7 @@ from rnnserve.client.connection import (
     check_open,
     chunk,
     chunk_timeout,
+    close_timeout,
     for_opening,
     metadata,
     predict_request,
@@ -289,32 +291,56 @@ class Session:
         finally:
             self._end_requests()
 
-    def close(self) -> None:
-        """End the session on the server and the stream."""
+    def close(self, *, timeout: float | None = None) -> None:
+        """End the session on the server and the stream, waiting at most `timeout` seconds
+        (default: the client's timeout) for the server to confirm (else `TimeoutError`)."""
         if self._open:
             self._open = False
             self._requests.put(pb.StreamRequest(close=True))
             self._end_requests()
-            if not self._finish():
+            timeout = self._client.timeout if timeout is None else timeout
+            try:
+                answers = self._finish(timeout)
+            except TimeoutError as exc:
+                raise close_timeout(self.id, timeout or 0.0) from exc
+            if not answers:
                 raise RuntimeError(f"the stream of session {self.id} ended before it was closed")
 
-    def detach(self) -> str:
-        """End the stream but keep the session on the server; returns its id for resuming."""
+    def detach(self, *, timeout: float | None = None) -> str:
+        """End the stream but keep the session on the server; returns its id for resuming.
+        After `timeout` seconds (default: the client's timeout) without the server's end of
+        the stream, the call is cancelled, which keeps the session as well."""
         if self._open:
             self._open = False
             self._end_requests()
-            self._finish()
+            timeout = self._client.timeout if timeout is None else timeout
+            with contextlib.suppress(TimeoutError, grpc.RpcError):  # ended; the session stays
+                self._finish(timeout)
         return self.id
 
-    def _finish(self) -> list[pb.StreamResponse]:
+    def _finish(self, timeout: float | None) -> list[pb.StreamResponse]:
         """Read the stream to its end, so that the call has finished when the session is done
         with it (a call still in progress when the interpreter exits can deadlock gRPC's
-        collection of it); cancel it if the reading fails."""
+        collection of it); cancel it if the reading fails or takes over `timeout` seconds
+        (then `TimeoutError`)."""
+        expired = threading.Event()
+        call = self._call
+
+        def expire() -> None:
+            expired.set()
+            call.cancel()
+
+        alarm = None if timeout is None else WATCHDOG.after(timeout, expire)
         try:
             return list(self._responses)
-        except BaseException:
-            self._call.cancel()  # a no-op on a call that has already ended
+        except BaseException as exc:
+            call.cancel()  # a no-op on a call that has already ended
+            if expired.is_set():
+                raise TimeoutError from exc
             raise
+        finally:
+            if alarm is not None:
+                alarm.cancel()
 
     def __enter__(self) -> Session:
         return self
