@@ -60,14 +60,12 @@ def server_process(
     port: int | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """`port`: pass one chosen with `free_ports` beside the other ports a test needs."""
-    port = port or free_port()
+    port = int((env or {}).get("RNNSERVE_PORT", 0)) or port or free_port()
     log = (tmp / f"server-{port}.log").open("wb")
     full_env = {**os.environ, **(env or {})}
     cmd = [*(command or [RNNSERVE, "serve"]), *args]
     if "RNNSERVE_PORT" not in (env or {}):
         cmd += ["--port", str(port)]
-    else:
-        port = int(full_env["RNNSERVE_PORT"])
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     target = f"127.0.0.1:{port}"
     try:
@@ -105,6 +103,7 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_keeps_sessions(
         "30",
         "--session-snapshot",
         str(snapshot),
+        "--no-warmup",  # (the Dockerfile test below starts with it)
     ]
     rng = np.random.default_rng(0)
     heavy = [rng.normal(size=(3000, zoo.D)).astype(np.float32) for _ in range(64)]
@@ -226,6 +225,7 @@ def test_a_damaged_session_snapshot_does_not_stop_the_server(
     root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
     snapshot = tmp_path / "sessions.bin"
     args = ["--model-dir", str(root), "--metrics-port", "-1", "--session-snapshot", str(snapshot)]
+    args.append("--no-warmup")
     with server_process(tmp_path, args) as (process, target):
         with Client(target, retry=NO_RETRY) as client:
             ids = [client.open_session("lstm_masked").session_id for _ in range(2)]
@@ -246,10 +246,8 @@ def test_health_and_predict_commands(zoo_repository: Any, tmp_path: Path) -> Non
     seq = np.random.default_rng(1).normal(size=(11, zoo.D)).astype(np.float32)
     np.save(tmp_path / "a.npy", seq)
     np.savetxt(tmp_path / "b.csv", seq[:4], delimiter=",")
-    with server_process(tmp_path, ["--model-dir", str(root), "--metrics-port", "-1"]) as (
-        _,
-        target,
-    ):
+    args = ["--model-dir", str(root), "--metrics-port", "-1", "--no-warmup"]
+    with server_process(tmp_path, args) as (_, target):
         ok = subprocess.run(
             [RNNSERVE, "health", "--target", target],
             capture_output=True,
@@ -337,6 +335,8 @@ def test_dockerfile_entrypoint_and_healthcheck_run_outside_docker(tmp_path: Path
         assert result.returncode == 0, result.stderr
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
+    # The image starts with the warm-up (the other process tests skip it): it ran, for all three.
+    assert "front door warmed with 3 models" in (tmp_path / f"server-{port}.log").read_text()
 
 
 def test_wheel_carries_every_package(tmp_path: Path) -> None:

@@ -92,6 +92,7 @@ def test_new_version_takes_over_and_broken_one_changes_nothing(
     source = zoo_repository[0]
     root = tmp_path / "models"
     shutil.copytree(source / "lstm_masked" / "1", root / "m" / "1")
+    # With the start-up warm-up (the default): each new version compiles before it takes over.
     server = serve(model_dir=str(root), poll_interval=0.2)
     with Client(server.target) as client, Load(server.target, "m") as load:
         _wait("traffic on v1", lambda: load.versions[1] > 20)
@@ -123,7 +124,7 @@ def test_removed_version_drains_until_its_sessions_end(
     for version, arch in ((1, "lstm_masked"), (2, "collapse_then_dense")):
         shutil.copytree(source / arch / "1", root / "m" / str(version))
     (root / "m" / "config.json").write_text(json.dumps({"version_policy": {"all": True}}))
-    server = serve(model_dir=str(root), poll_interval=0.2)
+    server = serve(model_dir=str(root), poll_interval=0.2, warmup=False)
     x = np.ones((5, zoo.D), np.float32)
     with Client(server.target) as client:
         assert client.metadata("m").versions == (1, 2)
@@ -153,7 +154,7 @@ def test_a_broken_model_config_keeps_what_the_model_serves(
     source = zoo_repository[0]
     root = tmp_path / "models"
     shutil.copytree(source / "lstm_masked" / "1", root / "m" / "1")
-    server = serve(model_dir=str(root), poll_interval=0.2)
+    server = serve(model_dir=str(root), poll_interval=0.2, warmup=False)
     config = root / "m" / "config.json"
     with Client(server.target) as client, Load(server.target, "m") as load:
         _wait("traffic on v1", lambda: load.versions[1] > 20)
@@ -183,7 +184,7 @@ def test_a_version_that_failed_on_the_model_config_is_retried_when_it_is_fixed(
     shutil.copytree(zoo_repository[0] / "lstm_masked" / "1", root / "m" / "1")
     config = root / "m" / "config.json"
     config.write_text(json.dumps({"max_length": 0}))  # read when a version loads
-    server = serve(model_dir=str(root), poll_interval=0.2)
+    server = serve(model_dir=str(root), poll_interval=0.2, warmup=False)
     with Client(server.target) as client:
         assert "max_length" in _states(client, "m")[1][1]
         config.write_text(json.dumps({"max_length": 50}))
