@@ -74,6 +74,7 @@ class Server:
         self.metrics.live(self._batchers, lambda: len(self.store))
         self.port = 0
         self.metrics_port = -1
+        self._restored = False  # a stop before the snapshot was read must not overwrite it
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._health_tasks: set[asyncio.Task[None]] = set()
@@ -182,6 +183,7 @@ class Server:
         await self.repository.sync()
         if s.session_snapshot:
             restored = self.sessions.restore(Path(s.session_snapshot))
+            self._restored = True
             log.info("restored %d sessions from %s", restored, s.session_snapshot)
         if s.warmup:
             # Its own servicer and metrics: warm-up calls are not traffic.
@@ -236,7 +238,7 @@ class Server:
         if not await self.sessions.quiesce(grace):
             log.warning("chunks still in flight after %.1f s; saving sessions as they are", grace)
         self.sessions.freeze()  # from here no chunk is applied, so the snapshot stays true
-        if self.settings.session_snapshot:
+        if self.settings.session_snapshot and self._restored:
             path = Path(self.settings.session_snapshot)
             try:
                 saved = self.sessions.save(path)

@@ -46,20 +46,39 @@ async def _run_server(settings: Any) -> int:
 
     log = logging.getLogger("rnnserve")
     server = Server(settings)
-    try:
-        await server.start()
-    except OSError as exc:  # a port taken or not allowed: say so, no traceback
-        log.error("cannot start: %s", exc)
-        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before loading, which takes tens of seconds: as PID 1 in a container a signal without a
+    # handler is ignored, and a stop during loading would wait out the stop timeout.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down: finishing in-flight work (grace %.1fs)", settings.grace)
-    await server.stop()
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if not starting.done():
+        log.info("stop requested while starting; stopping")
+        starting.cancel()
+    try:
+        await starting
+    except asyncio.CancelledError:
+        pass
+    except OSError as exc:  # a port taken or not allowed: say so, no traceback
+        log.error("cannot start: %s", exc)
+        code = 1
+    else:
+        await stopping  # serving until a signal comes
+        log.info("shutting down: finishing in-flight work (grace %.1fs)", settings.grace)
+    stopping.cancel()
+    await server.stop(grace=None if code == 0 else 0.0)
     log.info("stopped")
-    return 0
+    if server.repository.threads_loading:
+        # A model load cannot be stopped, and asyncio.run would wait for it (tens of seconds,
+        # past a container's stop timeout). Everything worth keeping is done: leave now.
+        log.info("not waiting for %d model loads still running", server.repository.threads_loading)
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def _read_sequences(

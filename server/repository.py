@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rnnserve.server import heap
 from rnnserve.server.batching import BatchObserver
@@ -116,6 +118,10 @@ class Repository:
         self._failed_prints: dict[tuple[str, int], tuple[float, int]] = {}
         self._loaded_prints: dict[tuple[str, int], tuple[float, int]] = {}
         self._loading: set[tuple[str, int]] = set()
+        # Load threads still at work, also those whose caller was cancelled (a stop while
+        # loading): a thread cannot be stopped, and an exit that waits for it waits tens of s.
+        self._threads_loading = 0
+        self._threads_lock = threading.Lock()
         self._sync_lock = asyncio.Lock()
 
     # ---- lookups (event loop only) ----
@@ -249,8 +255,10 @@ class Repository:
         self._notify(name, version, "loading", None)
         try:
             config = read_config(version_dir.parent, version_dir)
+            with self._threads_lock:
+                self._threads_loading += 1
             served = await asyncio.to_thread(
-                load_version,
+                self._counted_load,
                 name,
                 version,
                 version_dir,
@@ -304,6 +312,18 @@ class Repository:
                 await self.sync()
             except Exception:
                 log.exception("rescanning model repository %s failed; trying again", self.root)
+
+    def _counted_load(self, *args: Any) -> ServedModel:
+        try:
+            return load_version(*args)
+        finally:
+            with self._threads_lock:
+                self._threads_loading -= 1
+
+    @property
+    def threads_loading(self) -> int:
+        with self._threads_lock:
+            return self._threads_loading
 
     async def close(self) -> None:
         for served in self.served():

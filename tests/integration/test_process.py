@@ -466,3 +466,47 @@ def test_a_missing_model_directory_stops_the_start(tmp_path: Path) -> None:
     assert ran.returncode == 1, ran.stderr[-2000:]
     assert f"cannot start: model repository {missing} is not a directory" in ran.stderr
     assert "Traceback" not in ran.stderr
+
+
+def _wait_for_line(log: Path, line: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while line not in log.read_text():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {line!r} in {log.read_text()[-3000:]}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_models_load_stops_at_once_and_keeps_the_snapshot(
+    zoo_repository: Any, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """The handlers are in place before loading: SIGTERM used to kill the process outright (and,
+    as PID 1 in a container, to be ignored until the models had loaded), SIGINT to wait for the
+    load and end in a traceback. Now both stop the start cleanly, without waiting for the load
+    thread, and leave the session snapshot that was not read yet as it was."""
+    root = zoo.subset(zoo_repository[0], ["stacked_norm_steps"], tmp_path / "models")
+    snapshot = tmp_path / "sessions.bin"
+    snapshot.write_bytes(b"sessions of the last run")
+    log = tmp_path / "server.log"
+    cmd = [RNNSERVE, "serve", "--model-dir", str(root), "--port", "0", "--metrics-port", "-1"]
+    cmd += ["--session-snapshot", str(snapshot)]  # with the warm-up: a load of several seconds
+    with log.open("wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_line(log, "loading models from", process)
+        time.sleep(0.5)  # into the load itself
+        signalled = time.monotonic()
+        process.send_signal(sig)
+        code = process.wait(60)
+        took = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+    said = log.read_text()
+    assert code == 0, said[-3000:]
+    assert "stop requested while starting" in said
+    assert "serving " not in said
+    assert "Traceback" not in said
+    assert took < 15, said[-3000:]
+    assert snapshot.read_bytes() == b"sessions of the last run"
