@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from rnnserve.server.interceptors import MalformedRequestInterceptor
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
-from rnnserve.server.security import server_credentials, token_interceptor
+from rnnserve.server.security import TokenInterceptor, server_credentials, token_interceptor
 from rnnserve.server.served_model import LoadState
 from rnnserve.server.servicer import SERVICE, InferenceServicer
 from rnnserve.server.session_service import SessionService
@@ -34,11 +34,10 @@ def check_port_free(host: str, port: int) -> None:
         return
     host = host.strip("[]")  # an IPv6 address as gRPC writes it
     try:
-        addresses = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror:
-        return  # gRPC's own bind says what is wrong with the host
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot bind {host}:{port}: {exc.strerror}") from None
+    errors = []
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
@@ -47,6 +46,9 @@ def check_port_free(host: str, port: int) -> None:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise OSError(f"cannot bind {host}:{port}: address already in use") from None
+                errors.append(exc)
+    if len(errors) == len(addresses):  # gRPC starts if any of them binds (IPv6 may be off)
+        raise OSError(f"cannot bind {host}:{port}: {errors[0].strerror}")
 
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -118,15 +120,17 @@ class Server:
 
     # ---- life cycle ----
 
-    def _bind(self, credentials: grpc.ServerCredentials | None) -> grpc.aio.Server:
+    def _bind(
+        self, credentials: grpc.ServerCredentials | None, tokens: TokenInterceptor | None
+    ) -> grpc.aio.Server:
         """The gRPC server with its services, bound to its port (not yet started)."""
         s = self.settings
         limit = s.max_message_mb * 1024 * 1024
         interceptors: list[grpc.aio.ServerInterceptor] = [
-            MalformedRequestInterceptor(self.servicer.malformed)
+            MalformedRequestInterceptor(self.servicer.refused)
         ]
-        if s.token_file or s.tokens:
-            interceptors.insert(0, token_interceptor(s))
+        if tokens is not None:
+            interceptors.insert(0, tokens)
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -168,17 +172,19 @@ class Server:
         if not await asyncio.to_thread(Path(s.model_dir).is_dir):
             raise OSError(f"model repository {s.model_dir} is not a directory (--model-dir)")
         # What can fail the start is checked before the models load (tens of seconds): the TLS
-        # files, the gRPC port, the metrics port. gRPC itself binds only once they are loaded:
-        # its port accepts connections as soon as it is bound, and a client connecting then
-        # would wait for its deadline instead of being refused at once.
+        # and token files, the metrics port, then the gRPC port (so that it cannot be the one
+        # metrics took). gRPC itself binds only once they are loaded: its port accepts
+        # connections as soon as it is bound, and a client connecting then would wait for its
+        # deadline instead of being refused at once.
         credentials = server_credentials(s)
-        await asyncio.to_thread(check_port_free, s.host, s.port)
+        tokens = token_interceptor(s, self.servicer.refused) if s.token_file or s.tokens else None
         if s.metrics_port >= 0:
             try:
                 self.metrics_port = self.metrics.serve(s.metrics_bind, s.metrics_port)
             except OSError as exc:
                 where = f"{s.metrics_bind}:{s.metrics_port}"
                 raise OSError(f"cannot serve metrics on {where}: {exc}") from None
+        await asyncio.to_thread(check_port_free, s.host, s.port)
         log.info("loading models from %s; the gRPC port opens once they are ready", s.model_dir)
         await self.repository.sync()
         if s.session_snapshot:
@@ -189,7 +195,7 @@ class Server:
             # Its own servicer and metrics: warm-up calls are not traffic.
             servicer = InferenceServicer(self.repository, self.sessions, Metrics(), s)
             await warm_front_door(servicer, self.repository.served())
-        server = self._bind(credentials)
+        server = self._bind(credentials, tokens)
         await server.start()
         self._grpc = server
         for service, status in self._server_health():

@@ -43,6 +43,7 @@ async def _run_server(settings: Any) -> int:
     import logging
 
     from rnnserve.server.app import Server
+    from rnnserve.server.settings import CannotStart
 
     log = logging.getLogger("rnnserve")
     server = Server(settings)
@@ -63,7 +64,7 @@ async def _run_server(settings: Any) -> int:
         await starting
     except asyncio.CancelledError:
         pass
-    except OSError as exc:  # a port taken or not allowed: say so, no traceback
+    except (OSError, CannotStart) as exc:  # a port taken, a file missing: one line
         log.error("cannot start: %s", exc)
         code = 1
     else:

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from rnnserve.server.settings import Settings
+from rnnserve.server.settings import CannotStart, Settings
 
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -21,17 +21,17 @@ def _read(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise SystemExit(f"cannot read {what} {path}: {exc.strerror}") from exc
+        raise CannotStart(f"cannot read {what} {path}: {exc.strerror}") from exc
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """None for plaintext; TLS when a certificate is set; mutual TLS when a client CA is set."""
     if not settings.tls_cert:
         if settings.tls_key or settings.tls_client_ca:
-            raise SystemExit("--tls-key / --tls-client-ca need --tls-cert")
+            raise CannotStart("--tls-key / --tls-client-ca need --tls-cert")
         return None
     if not settings.tls_key:
-        raise SystemExit("--tls-cert needs --tls-key")
+        raise CannotStart("--tls-cert needs --tls-key")
     pair = (_read(settings.tls_key, "TLS key"), _read(settings.tls_cert, "TLS certificate"))
     client_ca = _read(settings.tls_client_ca, "client CA") if settings.tls_client_ca else None
     return grpc.ssl_server_credentials(
@@ -47,13 +47,21 @@ def load_tokens(settings: Settings) -> list[bytes]:
             if line and not line.startswith("#"):
                 tokens.append(line)
     if (settings.token_file or settings.tokens) and not tokens:
-        raise SystemExit("token authentication is on but no tokens were given")
+        raise CannotStart("token authentication is on but no tokens were given")
     return [t.encode() for t in tokens]
 
 
+# Told of each refusal (full method name, context, message, status); returns the trailing
+# metadata to send with it.
+OnRefused = Callable[
+    [str, grpc.aio.ServicerContext, str, grpc.StatusCode], tuple[tuple[str, str], ...]
+]
+
+
 class TokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, tokens: list[bytes]) -> None:
+    def __init__(self, tokens: list[bytes], on_refused: OnRefused | None = None) -> None:
         self._tokens = tokens
+        self._on_refused = on_refused
 
     def _authorized(self, metadata: Any) -> bool:
         for key, value in metadata or ():
@@ -78,18 +86,25 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self._authorized(details.invocation_metadata):
             return handler
-        return _refusal(handler)
+        return _refusal(handler, details.method, self._on_refused)
 
 
 _MESSAGE = "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
 
 
-def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _refusal(
+    handler: grpc.RpcMethodHandler, method: str, on_refused: OnRefused | None
+) -> grpc.RpcMethodHandler:
+    async def abort(context: grpc.aio.ServicerContext) -> None:
+        code = grpc.StatusCode.UNAUTHENTICATED
+        trailer = on_refused(method, context, _MESSAGE, code) if on_refused else ()
+        await context.abort(code, _MESSAGE, trailing_metadata=trailer)
+
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _MESSAGE)
+        await abort(context)
 
     async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _MESSAGE)
+        await abort(context)
         yield  # unreachable: makes this an async generator, as streaming handlers are
 
     serdes = dict(
@@ -105,5 +120,5 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(refuse_stream, **serdes)
 
 
-def token_interceptor(settings: Settings) -> TokenInterceptor:
-    return TokenInterceptor(load_tokens(settings))
+def token_interceptor(settings: Settings, on_refused: OnRefused | None = None) -> TokenInterceptor:
+    return TokenInterceptor(load_tokens(settings), on_refused)

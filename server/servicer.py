@@ -249,15 +249,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finally:
             call.done()
 
-    def malformed(
-        self, method: str, context: grpc.aio.ServicerContext, message: str
+    def refused(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        message: str,
+        code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT,
     ) -> tuple[tuple[str, str], ...]:
-        """A unary request that did not parse (refused by the interceptor): counted and logged
-        like any failed call, and its request id sent back."""
+        """A call refused by an interceptor before its handler (a unary request that did not
+        parse, a missing token): counted and logged like any failed call, and its request id
+        sent back."""
         if not method.startswith(f"/{SERVICE}/"):
             return ()  # health and reflection: not rnnserve's calls
         call = _Call(self.metrics, method.rpartition("/")[2], request_id_of(context))
-        call.code, call.message = grpc.StatusCode.INVALID_ARGUMENT, message
+        call.code, call.message = code, message
         call.done()
         return ((REQUEST_ID, call.request_id),)
 

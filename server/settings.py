@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -16,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 _REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+class CannotStart(Exception):
+    """Settings that load but cannot work (a file missing, a port taken): the start ends with
+    this one line, before any model loads."""
 
 
 def _default_model_dir() -> str:
@@ -29,7 +35,9 @@ def _setting(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass(frozen=True)
 class Settings:
-    host: str = _setting("127.0.0.1", "address to bind (0.0.0.0 to listen on every interface)")
+    host: str = _setting(
+        "127.0.0.1", "address to bind (0.0.0.0 to listen on every interface)", nonempty=True
+    )
     port: int = _setting(8500, "gRPC port (0 picks a free one)", low=0, high=65535)
     model_dir: str = _setting(_default_model_dir(), "model repository: <dir>/<name>/<version>/")
     metrics_port: int = _setting(
@@ -56,12 +64,14 @@ class Settings:
     )
     max_sequences: int = _setting(1024, "most sequences in one Predict request", low=1)
     max_request_timesteps: int = _setting(1_000_000, "most timesteps in one request, summed", low=1)
-    max_message_mb: int = _setting(64, "largest gRPC message, in MiB", low=1)
+    # gRPC holds message sizes and its queue bounds as 32-bit signed integers.
+    max_message_mb: int = _setting(64, "largest gRPC message, in MiB", low=1, high=2047)
     max_pending_rpcs: int = _setting(
         256,
         "calls arrived but not yet taken up by the server; beyond it gRPC sheds new ones "
         "(more and more up to 4x, then all) so that an overloaded server answers fast",
         low=1,
+        high=100_000,
     )
     # Sessions.
     session_ttl: float = _setting(600.0, "seconds of idleness before a session is evicted", above=0)
@@ -119,8 +129,13 @@ def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
             result: Any = lowered in {"1", "true", "yes", "on"}
         else:
             result = kind(value)
+        if kind is float and not math.isfinite(result):
+            raise ValueError(value)  # a NaN TTL would never expire; an infinite grace never ends
     except (TypeError, ValueError) as exc:
-        raise SystemExit(f"{source}: {f.name} expects {kind.__name__}, got {value!r}") from exc
+        what = "a finite number" if kind is float else kind.__name__
+        raise SystemExit(f"{source}: {f.name} expects {what}, got {value!r}") from exc
+    if f.metadata.get("nonempty") and not result.strip():
+        raise SystemExit(f"{source}: {f.name} must not be empty, got {value!r}")
     choices = f.metadata.get("choices")
     if choices and result not in choices:
         raise SystemExit(f"{source}: {f.name} must be one of {', '.join(choices)}, got {value!r}")

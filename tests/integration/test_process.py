@@ -510,3 +510,26 @@ def test_a_signal_while_models_load_stops_at_once_and_keeps_the_snapshot(
     assert "Traceback" not in said
     assert took < 15, said[-3000:]
     assert snapshot.read_bytes() == b"sessions of the last run"
+
+
+def test_settings_that_cannot_work_stop_the_start_before_loading(
+    zoo_repository: Any, tmp_path: Path
+) -> None:
+    """Each of these used to be found only after every model had loaded and warmed up."""
+    root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
+    port = str(free_port())
+    for flags, said in [
+        (["--token-file", str(tmp_path / "nope")], "cannot read token file"),
+        (["--host", "no-such-host.invalid"], "cannot bind no-such-host.invalid:"),
+        (["--port", port, "--metrics-port", port], f"cannot bind 127.0.0.1:{port}: address"),
+    ]:
+        ran = subprocess.run(
+            [RNNSERVE, "serve", "--model-dir", str(root), "--metrics-port", "-1", *flags],
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+        )
+        assert ran.returncode == 1, ran.stderr[-2000:]
+        assert said in ran.stderr, ran.stderr[-2000:]
+        assert "Traceback" not in ran.stderr
+        assert "loaded lstm_masked" not in ran.stderr

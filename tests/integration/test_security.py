@@ -102,6 +102,15 @@ def test_bearer_tokens(serve: Any, one_model: str, tmp_path: Path) -> None:
                 pass
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert client.health()  # probes need no secret
+    # Refusals are counted like any failed call (they used to be in neither metrics nor logs).
+    refused = {
+        method: samples
+        for (name, labels), samples in server.scrape().items()
+        if name == "rnnserve_requests_total" and ("code", "UNAUTHENTICATED") in labels
+        for key, method in labels
+        if key == "method"
+    }
+    assert refused == {"Predict": 4, "ListModels": 4, "Stream": 4}
 
 
 def test_models_carrying_code_are_refused_unless_allowed(serve: Any, tmp_path: Path) -> None:

@@ -63,11 +63,19 @@ def test_values_out_of_range_are_refused_at_start(tmp_path: Path) -> None:
     for flags, message in [
         ({"workers": "0"}, "--workers: workers must be at least 1, got '0'"),
         ({"max_queue": "0"}, "max_queue must be at least 1"),
-        ({"max_message_mb": "0"}, "max_message_mb must be at least 1"),
+        ({"max_message_mb": "0"}, "max_message_mb must be from 1 to 2047"),
         ({"session_ttl": "0"}, "session_ttl must be more than 0"),
         ({"grace": "-3"}, "grace must be at least 0"),
         ({"metrics_port": "-7"}, "metrics_port must be from -1 to 65535"),
         ({"port": "70000"}, "port must be from 0 to 65535"),
+        # Past gRPC's 32-bit sizes: a traceback after the models had loaded.
+        ({"max_message_mb": "4096"}, "max_message_mb must be from 1 to 2047"),
+        ({"max_pending_rpcs": "1000000000"}, "max_pending_rpcs must be from 1 to 100000"),
+        # Not numbers that mean anything: a NaN TTL never expires a session.
+        ({"session_ttl": "nan"}, "session_ttl expects a finite number, got 'nan'"),
+        ({"poll_interval": "nan"}, "poll_interval expects a finite number"),
+        ({"grace": "inf"}, "grace expects a finite number"),
+        ({"host": " "}, "host must not be empty"),
     ]:
         with pytest.raises(SystemExit, match=message):
             settings_mod.load(flags, env={})
