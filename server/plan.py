@@ -232,11 +232,20 @@ def _ordered_nodes(graph: Any) -> list[Any]:
 def _node_inputs(node: Any) -> tuple[list[Any], bool]:
     """The node's input tensors and whether they come as one list (merge layers)."""
     args, kwargs = node.arguments.args, node.arguments.kwargs
+    propagated = {
+        id(mask)
+        for t in keras.tree.flatten(args)
+        if (mask := getattr(t, "_keras_mask", None)) is not None
+    }
     for key, value in kwargs.items():
         tensors = [v for v in keras.tree.flatten(value) if isinstance(v, keras.KerasTensor)]
-        # Keras records the mask it propagated as `mask=`; we recompute masks by the same rules
-        # (and the load-time self-check catches a mask wired any other way).
-        if tensors and key != "mask":
+        # Keras records the mask it propagated from the inputs as `mask=`; we recompute those
+        # by the same rules. A mask the model computes itself and passes in (`mask=...`) is
+        # one we would drop: such a layer is not proven exact. (The self-check's random
+        # probes need not hit the values such a mask depends on.)
+        if key == "mask" and all(id(t) in propagated for t in tensors):
+            continue
+        if tensors:
             raise _Unsupported(f"layer {node.operation.name} takes tensor argument {key!r}")
     if len(args) != 1:
         raise _Unsupported(f"layer {node.operation.name} takes {len(args)} positional inputs")
