@@ -232,18 +232,13 @@ def _ordered_nodes(graph: Any) -> list[Any]:
 def _node_inputs(node: Any) -> tuple[list[Any], bool]:
     """The node's input tensors and whether they come as one list (merge layers)."""
     args, kwargs = node.arguments.args, node.arguments.kwargs
-    propagated = {
-        id(mask)
-        for t in keras.tree.flatten(args)
-        if (mask := getattr(t, "_keras_mask", None)) is not None
-    }
     for key, value in kwargs.items():
         tensors = [v for v in keras.tree.flatten(value) if isinstance(v, keras.KerasTensor)]
         # Keras records the mask it propagated from the inputs as `mask=`; we recompute those
         # by the same rules. A mask the model computes itself and passes in (`mask=...`) is
         # one we would drop: such a layer is not proven exact. (The self-check's random
         # probes need not hit the values such a mask depends on.)
-        if key == "mask" and all(id(t) in propagated for t in tensors):
+        if key == "mask" and _propagated(value, args):
             continue
         if tensors:
             raise _Unsupported(f"layer {node.operation.name} takes tensor argument {key!r}")
@@ -255,6 +250,54 @@ def _node_inputs(node: Any) -> tuple[list[Any], bool]:
     if isinstance(arg, list | tuple) and all(isinstance(a, keras.KerasTensor) for a in arg):
         return list(arg), True
     raise _Unsupported(f"layer {node.operation.name} takes a nested input")
+
+
+def _propagated(mask: Any, args: Any) -> bool:
+    """Whether `mask` is the one Keras propagates with the positional inputs. In a model as
+    built, it is that very tensor; in a model loaded from a file, the recorded mask ops and
+    the ones recomputed while rebuilding are separate copies: compared op by op."""
+    masks = keras.tree.flatten(mask)
+    inputs = [t for t in keras.tree.flatten(args) if isinstance(t, keras.KerasTensor)]
+    if len(masks) != len(inputs):
+        return False
+    return all(
+        _same_computation(m, getattr(t, "_keras_mask", None)) if m is not None else True
+        for m, t in zip(masks, inputs, strict=True)
+    )
+
+
+def _same_computation(a: Any, b: Any, depth: int = 16) -> bool:
+    """Whether two symbolic tensors are computed by the same ops (configs equal up to their
+    names) from the same tensors."""
+    if a is b:
+        return True
+    if not (isinstance(a, keras.KerasTensor) and isinstance(b, keras.KerasTensor)) or not depth:
+        return False
+    (op_a, node_a, out_a), (op_b, node_b, out_b) = a._keras_history, b._keras_history
+    if type(op_a) is not type(op_b) or out_a != out_b or _config(op_a) != _config(op_b):
+        return False
+    parts = []
+    for op, index in ((op_a, node_a), (op_b, node_b)):
+        arguments = op._inbound_nodes[index].arguments
+        parts.append(keras.tree.flatten((arguments.args, arguments.kwargs)))
+    if len(parts[0]) != len(parts[1]):
+        return False
+    for x, y in zip(*parts, strict=True):
+        if isinstance(x, keras.KerasTensor) or isinstance(y, keras.KerasTensor):
+            if not _same_computation(x, y, depth - 1):
+                return False
+        elif type(x) is not type(y) or not bool(np.all(np.equal(x, y))):
+            return False
+    return True
+
+
+def _config(op: Any) -> dict[str, Any]:
+    try:
+        config = dict(op.get_config())
+    except Exception:  # an op that does not describe itself: never taken as equal
+        return {"unknown": id(op)}
+    config.pop("name", None)
+    return config
 
 
 def _output_names(graph: Any) -> list[str]:
@@ -411,13 +454,31 @@ def _equal_length_plan(
                 f"layer {node.operation.name} is stateful and the model holds a layer the server "
                 f"cannot run exactly under padding ({why}); re-save it with stateful=False"
             )
-    outputs = []
-    for name, tensor in zip(names, graph.outputs, strict=True):
-        # Without a proof of which axis is time, only a rank-preserving output with the
-        # input's time dimension is reported per step.
-        same_time = len(tensor.shape) >= 3 and tensor.shape[1] == graph.inputs[0].shape[1]
-        outputs.append(_output_spec(name, tensor, Time.TEMPORAL if same_time else Time.OPAQUE))
+    per_step = _follows_input_length(model, graph, base)
+    outputs = tuple(
+        _output_spec(name, tensor, Time.TEMPORAL if step else Time.OPAQUE)
+        for name, tensor, step in zip(names, graph.outputs, per_step, strict=True)
+    )
     note = f"batches equal lengths only: {why}"
     if base["fixed_length"] is not None:
         note += f"; sequences are zero-padded to the model's fixed length {base['fixed_length']}"
-    return Plan(mode=Mode.EQUAL_LENGTH, outputs=tuple(outputs), notes=(note,), model=model, **base)
+    return Plan(mode=Mode.EQUAL_LENGTH, outputs=outputs, notes=(note,), model=model, **base)
+
+
+def _follows_input_length(model: Any, graph: Any, base: dict[str, Any]) -> list[bool]:
+    """Which outputs have one row per input timestep, so that trimming them to a sequence's
+    length is right. Without a proof of which axis is time, only an output whose second axis
+    is the input's length is (an UpSampling1D or a Reshape makes it longer: returned whole)."""
+    rank_ok = [len(t.shape) >= 3 for t in graph.outputs]
+    if base["fixed_length"] is not None:
+        fixed = base["fixed_length"]
+        return [ok and t.shape[1] == fixed for ok, t in zip(rank_ok, graph.outputs, strict=True)]
+    follows = rank_ok
+    for length in (7, 11):  # two, so that no output matches by chance
+        probe = keras.KerasTensor((1, length, *base["step_shape"]), dtype=base["input_dtype"])
+        try:
+            specs = keras.tree.flatten(model.compute_output_spec(probe))
+        except Exception:  # a layer without shape inference: trim nothing
+            return [False] * len(follows)
+        follows = [f and s.shape[1] == length for f, s in zip(follows, specs, strict=True)]
+    return follows

@@ -94,3 +94,31 @@ def test_the_self_check_covers_stateful_models() -> None:
         assert mismatch(model, runner, 60) > 0
     finally:
         runner.forward.close()
+
+
+@pytest.mark.parametrize(
+    "grow", [L.UpSampling1D(2), L.ZeroPadding1D(2)], ids=["upsampling", "zero_padding"]
+)
+def test_a_per_step_output_longer_than_the_input_is_returned_whole(
+    grow: keras.layers.Layer, tmp_path: Path
+) -> None:
+    """An output with a time axis of its own length is not trimmed to the input's: it used to
+    be reported per step and cut to the input length (7 of 14 rows)."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, zoo.D))
+    model = keras.Model(inp, L.Dense(3)(L.GRU(5, return_sequences=True)(grow(inp))))
+    version_dir = tmp_path / "grown" / "1"
+    version_dir.mkdir(parents=True)
+    model.save(version_dir / "model.keras")
+    served = load_version("grown", 1, version_dir, ModelConfig(), Settings(warmup=False, xla=False))
+    try:
+        assert served.plan.mode is Mode.EQUAL_LENGTH
+        assert [o.per_step for o in served.plan.outputs] == [False]
+        x = np.random.default_rng(1).normal(size=(7, zoo.D)).astype(np.float32)
+        [row] = served.runner.run([x], [None])
+        assert isinstance(row, RowResult), row
+        [want] = zoo.Reference(model)(x)
+        assert want.shape[0] > len(x)
+        np.testing.assert_allclose(row.heads[0].reshape(want.shape), want, rtol=0, atol=1e-5)
+    finally:
+        served.runner.forward.close()
