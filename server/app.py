@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from rnnserve.server.served_model import LoadState
 from rnnserve.server.servicer import SERVICE, InferenceServicer
 from rnnserve.server.session_service import SessionService
 from rnnserve.server.sessions import MemorySessionStore, Session
-from rnnserve.server.settings import Settings
+from rnnserve.server.settings import CannotStart, Settings
 from rnnserve.server.warmup import warm_front_door
 from rnnserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -49,6 +50,16 @@ def check_port_free(host: str, port: int) -> None:
                 errors.append(exc)
     if len(errors) == len(addresses):  # gRPC starts if any of them binds (IPv6 may be off)
         raise OSError(f"cannot bind {host}:{port}: {errors[0].strerror}")
+
+
+def check_snapshot_writable(path: Path) -> None:
+    """CannotStart if sessions could not be saved to `path` at shutdown (they would be lost
+    at every stop, found only then)."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise CannotStart(f"session snapshot {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CannotStart(f"session snapshot {path}: folder {folder} is not writable")
 
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -185,6 +196,8 @@ class Server:
                 where = f"{s.metrics_bind}:{s.metrics_port}"
                 raise OSError(f"cannot serve metrics on {where}: {exc}") from None
         await asyncio.to_thread(check_port_free, s.host, s.port)
+        if s.session_snapshot:
+            await asyncio.to_thread(check_snapshot_writable, Path(s.session_snapshot))
         log.info("loading models from %s; the gRPC port opens once they are ready", s.model_dir)
         await self.repository.sync()
         if s.session_snapshot:

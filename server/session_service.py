@@ -302,7 +302,15 @@ class SessionService:
         """Delete a snapshot once its sessions are restored and served. Were it kept, a crash
         later would bring back these states, older than what clients have sent since, silently;
         without it, such sessions are plainly unknown."""
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # a read-only mount: serving matters more than the old file
+            log.warning(
+                "could not delete the restored session snapshot %s (%s): after a crash it "
+                "would bring back these older states",
+                path,
+                exc.strerror,
+            )
 
 
 _LENGTH = struct.Struct("<I")  # snapshot records: 4-byte length, then a SessionState

@@ -522,6 +522,10 @@ def test_settings_that_cannot_work_stop_the_start_before_loading(
         (["--token-file", str(tmp_path / "nope")], "cannot read token file"),
         (["--host", "no-such-host.invalid"], "cannot bind no-such-host.invalid:"),
         (["--port", port, "--metrics-port", port], f"cannot bind 127.0.0.1:{port}: address"),
+        (
+            ["--session-snapshot", str(tmp_path / "gone" / "s.bin")],
+            f"folder {tmp_path / 'gone'} does not exist",
+        ),
     ]:
         ran = subprocess.run(
             [RNNSERVE, "serve", "--model-dir", str(root), "--metrics-port", "-1", *flags],
