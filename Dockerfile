@@ -1,7 +1,9 @@
+# syntax=docker/dockerfile:1
 # rnnserve: gRPC model server for Keras recurrent classifiers.
 #   docker build -t rnnserve .
-#   docker run -p 8500:8500 -p 8501:8501 rnnserve                      # the shipped models
-#   docker run -p 8500:8500 -v "$PWD/my-models:/models:ro" rnnserve    # your repository
+#   docker run --stop-timeout 30 -p 8500:8500 -p 8501:8501 rnnserve                   # shipped
+#   docker run --stop-timeout 30 -p 8500:8500 -v "$PWD/my-models:/models:ro" rnnserve # yours
+# --stop-timeout: Docker's default of 10 s is shorter than the server's drain (--grace 20).
 
 # ---- build: one wheel for rnnserve and one for each runtime dependency ----
 FROM python:3.11-slim AS build
@@ -25,10 +27,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     RNNSERVE_SESSION_SNAPSHOT=/state/sessions.bin
 RUN useradd --create-home --uid 10001 --user-group rnnserve \
     && mkdir /state && chown rnnserve:rnnserve /state
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels /wheels/rnnserve-*.whl \
-    && rm -rf /wheels
-COPY --chown=rnnserve:rnnserve models /models
+# The wheels are mounted, not copied: a COPY layer would keep them in the image for good.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/rnnserve-*.whl
+# Owned by root: the server only reads its models.
+COPY models /models
 USER 10001:10001
 WORKDIR /home/rnnserve
 EXPOSE 8500 8501
