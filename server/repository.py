@@ -191,6 +191,9 @@ class Repository:
             except OSError as exc:
                 log.error("cannot scan model repository: %s", exc)
                 return
+            absent = _absent_policy_versions(found)
+            for key, error in absent.items():
+                problems[key] = f"{problems[key]}; {error}" if key in problems else error
             for key in [k for k in self._failed if k[1] == 0 and k not in problems]:
                 del self._failed[key]  # a model-level config problem that was fixed
             for key, error in problems.items():
@@ -212,6 +215,10 @@ class Repository:
                 while True:
                     usable = [v for v in entry.versions if (name, v) not in self._failed]
                     wanted[name] = set(entry.policy.select(usable))
+                    if not wanted[name] and (name, 0) in absent:
+                        # It names only versions that are not there: a typo must not take
+                        # down what serves (reported as the model's error).
+                        wanted[name] = set(self._served.get(name, {}))
                     missing = sorted(v for v in wanted[name] if v not in self._served.get(name, {}))
                     if not missing:
                         break
@@ -332,6 +339,20 @@ class Repository:
     def _notify(self, name: str, version: int, event: str, seconds: float | None) -> None:
         if self._listener is not None:
             self._listener(name, version, event, seconds)
+
+
+def _absent_policy_versions(found: dict[str, Found]) -> dict[tuple[str, int], str]:
+    """A model-level error for each version policy that names versions not in the repository."""
+    problems = {}
+    for name, entry in found.items():
+        named = entry.policy.versions if entry.policy else ()
+        absent = sorted(set(named) - set(entry.versions))
+        if absent:
+            problems[(name, 0)] = (
+                f"version_policy names versions {absent} that are not in the repository "
+                f"(found {sorted(entry.versions)})"
+            )
+    return problems
 
 
 def _usable(model: ServedModel, draining_ok: bool) -> bool:

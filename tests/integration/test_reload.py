@@ -242,3 +242,27 @@ def test_a_rollback_serves_the_version_its_sessions_kept_loaded(
         assert client.health("m")
         assert client.health()
         assert client.step(pinned.session_id, x).total_steps == 5
+
+
+def test_a_version_policy_naming_only_absent_versions_keeps_what_serves(
+    serve: Any, zoo_repository: Any, tmp_path: Path
+) -> None:
+    """A typo in `versions` used to drain and unload every version without a word."""
+    root = tmp_path / "models"
+    shutil.copytree(zoo_repository[0] / "lstm_masked" / "1", root / "m" / "1")
+    server = serve(model_dir=str(root), poll_interval=0.2, warmup=False)
+    config = root / "m" / "config.json"
+    x = np.ones((5, zoo.D), np.float32)
+    with Client(server.target) as client:
+        config.write_text(json.dumps({"version_policy": {"versions": [9]}}))
+        _wait("policy reported", lambda: "[9]" in _states(client, "m").get(0, ("", ""))[1])
+        assert _states(client, "m")[0] == (
+            "FAILED",
+            "version_policy names versions [9] that are not in the repository (found [1])",
+        )
+        time.sleep(1.0)  # several scans
+        assert _states(client, "m")[1][0] == "READY"
+        assert client.predict("m", [x])[0].length == 5
+        config.write_text(json.dumps({"version_policy": {"versions": [1]}}))
+        _wait("error cleared", lambda: 0 not in _states(client, "m"))
+        assert _states(client, "m")[1][0] == "READY"
