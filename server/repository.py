@@ -9,6 +9,8 @@ in-flight work and pinned sessions finish) and then unloads.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -51,17 +53,35 @@ class Found:
 
     policy: VersionPolicy | None
     versions: dict[int, Path]
-    fingerprints: dict[int, tuple[float, int]]
+    fingerprints: dict[int, Fingerprint]
 
 
-def _fingerprint(version_dir: Path) -> tuple[float, int]:
-    """Changes when any file of the version changes, or the model's config (which the version's
-    merges), so a fixed broken version is retried."""
+Fingerprint = tuple[float, int, str]
+
+
+def _fingerprint(version_dir: Path) -> Fingerprint:
+    """Changes when any file of the version changes, or what the version takes from the model's
+    config (everything but its version policy), so a fixed broken version is retried."""
     stats = [p.stat() for p in version_dir.iterdir()]
-    model_config = version_dir.parent / CONFIG_FILE
-    if model_config.is_file():
-        stats.append(model_config.stat())
-    return max((s.st_mtime for s in stats), default=0.0), sum(s.st_size for s in stats)
+    return (
+        max((s.st_mtime for s in stats), default=0.0),
+        sum(s.st_size for s in stats),
+        _settings_digest(version_dir.parent / CONFIG_FILE),
+    )
+
+
+def _settings_digest(model_config: Path) -> str:
+    try:
+        raw = model_config.read_bytes()
+    except OSError:
+        raw = b"{}"  # none: as an empty one
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return hashlib.sha256(raw).hexdigest()
+    if isinstance(data, dict):
+        data.pop("version_policy", None)  # which versions serve: nothing a loaded one uses
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def scan(root: Path) -> tuple[dict[str, Found], dict[tuple[str, int], str]]:
@@ -115,8 +135,8 @@ class Repository:
         self._listener = listener
         self._served: dict[str, dict[int, ServedModel]] = {}
         self._failed: dict[tuple[str, int], str] = {}
-        self._failed_prints: dict[tuple[str, int], tuple[float, int]] = {}
-        self._loaded_prints: dict[tuple[str, int], tuple[float, int]] = {}
+        self._failed_prints: dict[tuple[str, int], Fingerprint] = {}
+        self._loaded_prints: dict[tuple[str, int], Fingerprint] = {}
         self._loading: set[tuple[str, int]] = set()
         # Load threads still at work, also those whose caller was cancelled (a stop while
         # loading): a thread cannot be stopped, and an exit that waits for it waits tens of s.
@@ -251,8 +271,9 @@ class Repository:
             if now is not None and now != loaded:
                 self._loaded_prints[(name, version)] = now  # once per change
                 log.warning(
-                    "model %s version %d: its files changed after it was loaded; a loaded version "
-                    "is not reloaded: publish the change as a new version directory",
+                    "model %s version %d: its files or its model's config.json (other than the "
+                    "version policy) changed after it was loaded; a loaded version is not "
+                    "reloaded: publish the change as a new version directory",
                     name,
                     version,
                 )

@@ -62,7 +62,8 @@ def test_files_changed_under_a_loaded_version_are_reported_once(
     root = tmp_path / "models"
     zoo.write_repository(root, ["lstm_masked"])
     repository = Repository(Settings(model_dir=str(root), warmup=False, xla=False))
-    said = "lstm_masked version 1: its files changed after it was loaded"
+    said = "lstm_masked version 1: its files or its model's config.json"
+    model_config = root / "lstm_masked" / "config.json"
 
     async def main() -> list[int]:
         counts = []
@@ -73,11 +74,19 @@ def test_files_changed_under_a_loaded_version_are_reported_once(
             await repository.sync()
             counts.append(caplog.text.count(said))
         assert repository.resolve("lstm_masked").config.description == "lstm_masked"  # not reloaded
+        # The version policy, which the README puts in the model's config, is no change to a
+        # loaded version (editing it used to warn about every version); a label is.
+        model_config.write_text('{"version_policy": {"latest": 2}}')
+        await repository.sync()
+        counts.append(caplog.text.count(said))
+        model_config.write_text('{"version_policy": {"latest": 2}, "description": "new"}')
+        await repository.sync()
+        counts.append(caplog.text.count(said))
         await repository.close()
         return counts
 
     with caplog.at_level(logging.WARNING, logger="rnnserve.server.repository"):
-        assert asyncio.run(main()) == [0, 1, 1]
+        assert asyncio.run(main()) == [0, 1, 1, 1, 2]
 
 
 def test_an_unloaded_version_is_freed_though_long_lived_objects_are_set_aside(
