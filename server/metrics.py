@@ -10,6 +10,7 @@ per-request and per-batch series are plain tallies kept by the event loop (`tall
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -232,6 +233,9 @@ class Metrics:
         if event == "failed":
             self.load_failures.labels(model).inc()
         if event == "unloaded":
+            if previous is not None:
+                with contextlib.suppress(KeyError):  # only versions that loaded have one
+                    self.load_seconds.remove(model, str(version))
             return
         self._states[key] = event
         self.model_state.labels(model, str(version), event).set(1)

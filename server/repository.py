@@ -34,7 +34,8 @@ from rnnserve.server.settings import Settings
 log = logging.getLogger(__name__)
 
 # Called on every load event: (model, version, event, seconds the load took or None), where event
-# is one of "loading", "ready", "failed", "draining", "unloaded".
+# is one of "loading", "ready", "failed", "draining", "unloaded" (also: a failure forgotten).
+# Version 0 is the model as a whole (its config), which only fails and recovers.
 Listener = Callable[[str, int, str, float | None], None]
 
 
@@ -216,9 +217,12 @@ class Repository:
                 problems[key] = f"{problems[key]}; {error}" if key in problems else error
             for key in [k for k in self._failed if k[1] == 0 and k not in problems]:
                 del self._failed[key]  # a model-level config problem that was fixed
+                self._notify(*key, "unloaded", None)
             for key, error in problems.items():
                 if self._failed.get(key) != error:
                     log.error("model %s: %s", key[0], error)
+                    if key not in self._failed:  # as version 0: the model as a whole
+                        self._notify(*key, "failed", None)
                 self._failed[key] = error
             for key in list(self._failed):  # forget failures whose files changed or left
                 entry = found.get(key[0])
@@ -226,6 +230,7 @@ class Repository:
                 if key[1] and now != self._failed_prints.get(key):
                     del self._failed[key]
                     self._failed_prints.pop(key, None)
+                    self._notify(*key, "unloaded", None)  # its "failed" state ends here
             wanted: dict[str, set[int]] = {}
             changed = False  # a version loaded or unloaded
             for name, entry in found.items():

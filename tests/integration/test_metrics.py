@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,47 @@ def test_event_loop_lag_shows_a_blocked_loop(serve: Any, tmp_path: Path) -> None
     )
     # At least the block; at most the block and the waiting above (seconds, not milliseconds).
     assert 0.35 <= grown < 2.0, grown
+
+
+def test_model_series_end_with_what_they_describe(
+    serve: Any, zoo_repository: Any, tmp_path: Path
+) -> None:
+    """A failed version whose directory is removed, an unloaded version's load time and a
+    model's own config error: the first two used to stay on /metrics until a restart (an alert
+    on them firing for ever), the third never showed."""
+    root = tmp_path / "models"
+    shutil.copytree(zoo_repository[0] / "lstm_masked" / "1", root / "m" / "1")
+    server = serve(model_dir=str(root), poll_interval=0.2, warmup=False)
+    state, load = "rnnserve_model_state", "rnnserve_model_load_seconds"
+
+    def scrape_until(what: str, condition: Any) -> Any:
+        deadline = time.monotonic() + 60
+        while not condition(scraped := server.scrape()):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.1)
+        return scraped
+
+    (root / "m" / "5").mkdir()
+    (root / "m" / "5" / "model.keras").write_bytes(b"garbage")
+    scrape_until("v5 failed", lambda m: m.get((state, _labels("5", "failed"))) == 1)
+    shutil.rmtree(root / "m" / "5")
+    scrape_until("v5 gone", lambda m: not _has(m, state, "5"))
+
+    shutil.copytree(zoo_repository[0] / "lstm_masked" / "1", root / "m" / "2")  # 1 unloads
+    m = scrape_until("v1 gone", lambda m: not _has(m, state, "1"))
+    assert value(m, load, model="m", version="2") > 0
+    assert not _has(m, load, "1")
+
+    (root / "m" / "config.json").write_text("{ not json")
+    m = scrape_until("config failed", lambda m: m.get((state, _labels("0", "failed"))) == 1)
+    assert value(m, "rnnserve_model_load_failures_total", model="m") == 2  # v5, the config
+    (root / "m" / "config.json").write_text("{}")
+    scrape_until("config fixed", lambda m: not _has(m, state, "0"))
+
+
+def _has(samples: Any, name: str, version: str) -> bool:
+    return any(n == name and ("version", version) in labels for n, labels in samples)
+
+
+def _labels(version: str, state: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted({"model": "m", "version": version, "state": state}.items()))
