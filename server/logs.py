@@ -35,7 +35,9 @@ def configure(fmt: str = "text", level: str = "info") -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    # Debug is for rnnserve's own lines: gRPC's and asyncio's would log every call.
+    root.setLevel(max(logging.INFO, logging.getLevelName(level.upper())))
+    logging.getLogger("rnnserve").setLevel(level.upper())
     # TensorFlow's own chatter (retracing warnings, oneDNN notices) is not ours to show.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)

@@ -40,6 +40,8 @@ _STATE = {
 _DTYPE = {"float32": pb.DATA_TYPE_FLOAT32, "int32": pb.DATA_TYPE_INT32}
 # Outcomes logged at debug level only: the normal ones.
 _QUIET = {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}
+# The server's fault, not the request's: shown at --log-level warning too.
+_OURS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
 # The others: at most one line a second per (method, model, status).
 _THROTTLE = Throttle()
 
@@ -116,7 +118,13 @@ class _Call:
         ended = time.perf_counter()
         seconds = ended - self.started
         self.metrics.request(self.model, self.version, self.method, self.code, seconds)
-        level = logging.DEBUG if self.code in _QUIET else logging.INFO
+        level = (
+            logging.DEBUG
+            if self.code in _QUIET
+            else logging.WARNING
+            if self.code in _OURS
+            else logging.INFO
+        )
         if not log_it or not log.isEnabledFor(level):
             return
         held = 0
