@@ -74,3 +74,29 @@ def mismatch(model: Any, runner: ModelRunner, max_length: int) -> float:
             excess = np.abs(got - want) - TOLERANCE * (1 + np.abs(want))
             worst = max(worst, float(excess.max(initial=0.0)))
     return worst
+
+
+def rows_interact(runner: ModelRunner, length: int) -> float:
+    """For an equal-length plan (the model itself runs on each batch): the largest difference
+    between three rows of one batch and each row run alone (0.0 if none). A layer that works
+    across the batch axis (a softmax or a normalization over axis 0) makes rows depend on
+    their neighbours, which equal lengths do not prevent."""
+    plan = runner.forward.plan
+    rng = np.random.default_rng(1)
+    shape = (3, length, *plan.step_shape)
+    if plan.input_dtype == "int32":
+        batch = rng.integers(0, plan.vocab_size or 2, size=shape).astype(np.int32)
+    else:
+        batch = rng.normal(size=shape).astype(np.float32)
+    together = runner.run(list(batch), [None] * len(batch))
+    worst = 0.0
+    for x, row in zip(batch, together, strict=True):
+        [alone] = runner.run([x], [None])
+        if not isinstance(row, RowResult):
+            raise row
+        if not isinstance(alone, RowResult):
+            raise alone
+        for got, want in zip(row.heads, alone.heads, strict=True):
+            excess = np.abs(got - want) - TOLERANCE * (1 + np.abs(want))
+            worst = max(worst, float(excess.max(initial=0.0)))
+    return worst

@@ -20,7 +20,7 @@ from rnnserve.server.inputs import InputSpec
 from rnnserve.server.model_config import ConfigError, ModelConfig
 from rnnserve.server.plan import Mode, OutputSpec, Plan, build_plan
 from rnnserve.server.runner import ModelRunner
-from rnnserve.server.selfcheck import mismatch
+from rnnserve.server.selfcheck import mismatch, rows_interact
 from rnnserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -237,6 +237,13 @@ def load_version(
         plan = _with_labels(forced, config)
         policy = _policy(settings, config, plan)
         runner = runner_for(plan)
+    if plan.mode is Mode.EQUAL_LENGTH and policy.max_batch_size > 1:
+        excess = rows_interact(runner, min(max_length, 4))
+        if excess > 0:
+            note = f"rows of one batch change each other's answers (by {excess:.2e}): one per batch"
+            log.warning("model %s version %d: %s", name, version, note)
+            plan = dataclasses.replace(plan, notes=(*plan.notes, note))
+            policy = dataclasses.replace(policy, max_batch_size=1)
     if settings.warmup:
         compile_typical_shapes(runner.forward, policy.max_batch_size, max_length)
     policy = measure_costs(runner, policy, max_length)

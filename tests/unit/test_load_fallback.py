@@ -122,3 +122,22 @@ def test_a_per_step_output_longer_than_the_input_is_returned_whole(
         np.testing.assert_allclose(row.heads[0].reshape(want.shape), want, rtol=0, atol=1e-5)
     finally:
         served.runner.forward.close()
+
+
+def test_a_model_whose_rows_interact_is_batched_one_sequence_at_a_time(tmp_path: Path) -> None:
+    """A softmax over the batch axis: equal lengths used to share batches, so each answer
+    depended on its neighbours (0.45 where the model alone gives 1.0)."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, zoo.D))
+    model = keras.Model(inp, L.Softmax(axis=0)(L.Dense(3)(L.LSTM(5)(inp))))
+    version_dir = tmp_path / "across" / "1"
+    version_dir.mkdir(parents=True)
+    model.save(version_dir / "model.keras")
+    settings = Settings(warmup=False, xla=False)
+    served = load_version("across", 1, version_dir, ModelConfig(), settings)
+    try:
+        assert served.plan.mode is Mode.EQUAL_LENGTH
+        assert "one per batch" in served.plan.notes[-1], served.plan.notes
+        assert served.batcher.policy.max_batch_size == 1
+    finally:
+        served.runner.forward.close()
