@@ -226,7 +226,8 @@ def load_version(
     except Exception as exc:  # a Keras behaviour the planner did not foresee
         if plan.mode is Mode.EQUAL_LENGTH:
             raise
-        why = f"the padded engine failed its self-check ({type(exc).__name__}: {exc})"
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        why = f"the padded engine failed its self-check ({type(exc).__name__}: {detail})"
     if checked is not None and not why:
         runner = checked
     else:
