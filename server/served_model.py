@@ -7,6 +7,7 @@ import dataclasses
 import enum
 import logging
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,8 @@ def load_version(
 
     started = time.perf_counter()
     path = find_model_file(version_dir)
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):  # Keras: "File not found"
+        raise InvalidInput(f"{path.name} is not a .keras archive (a zip file): cut short or other")
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=not settings.allow_code)
     except ValueError as exc:

@@ -105,6 +105,7 @@ def test_new_version_takes_over_and_broken_one_changes_nothing(
         bad.mkdir()
         (bad / "model.keras").write_bytes(b"truncated upload")
         _wait("v3 reported", lambda: _states(client, "m").get(3, ("",))[0] == "FAILED")
+        assert "model.keras is not a .keras archive" in _states(client, "m")[3][1]  # not "found"
         served_before = load.versions[2]
         _wait("v2 still serving", lambda: load.versions[2] > served_before + 20)
         assert _states(client, "m")[2][0] == "READY"
