@@ -11,6 +11,7 @@ per-request and per-batch series are plain tallies kept by the event loop (`tall
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -20,6 +21,9 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     start_http_server,
 )
@@ -32,6 +36,24 @@ from rnnserve.server.tallies import CounterTally, HistogramTally, Tallies
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _CELLS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+def _versions() -> dict[str, str]:
+    """The versions that decide what a model computes and how it is served."""
+    found = {}
+    for label, packages in (
+        ("version", ("rnnserve",)),
+        ("tensorflow", ("tensorflow", "tensorflow-cpu")),
+        ("grpcio", ("grpcio",)),
+    ):
+        for package in packages:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                found[label] = importlib.metadata.version(package)
+                break
+        found.setdefault(label, "unknown")
+    return found
+
+
 UNKNOWN_MODEL = "_unknown"  # label for requests naming no served model (bounds cardinality)
 disable_created_metrics()  # the *_created series only add noise to every counter
 
@@ -75,6 +97,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The process itself (memory, CPU, open files, start time) and what runs it.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        Info("rnnserve_build", "The running rnnserve", registry=r).info(_versions())
         # Per request and per batch: tallies kept by the event loop, read at scrape time.
         self.requests = CounterTally(
             "rnnserve_requests",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 import json
 import re
@@ -99,6 +100,12 @@ def test_scraped_metrics_match_the_traffic_exactly(
     assert value(m, "rnnserve_model_state", state="failed", model="broken", version="1") == 1
     assert value(m, "rnnserve_model_load_failures_total", model="broken") == 1
     assert value(m, "rnnserve_model_load_seconds", **lstm) > 0
+    # The process and what it runs: memory, CPU, and the versions that decide the answers.
+    assert value(m, "process_resident_memory_bytes") > 100e6  # TensorFlow alone is more
+    assert value(m, "process_cpu_seconds_total") > 0
+    [build] = [dict(labels) for name, labels in m if name == "rnnserve_build_info"]
+    assert build["version"] == importlib.metadata.version("rnnserve")
+    assert build["tensorflow"].startswith("2.")
 
     # Every series the shipped Grafana dashboard plots is one this server exports.
     dashboard = Path(__file__).resolve().parents[2] / "deploy/grafana/rnnserve-dashboard.json"
