@@ -374,9 +374,11 @@ def test_a_snapshot_that_cannot_be_written_does_not_stop_the_shutdown(
     serve: Any, zoo_repository: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     root = zoo.subset(zoo_repository[0], ["gru_steps"], tmp_path / "models")
-    snapshot = tmp_path / "no-such-dir" / "sessions.bin"
+    snapshot = tmp_path / "gone-by-then" / "sessions.bin"
+    snapshot.parent.mkdir()  # (a missing folder stops the start)
     server, _ = _serving_one_session(serve, root, snapshot)
     ports = (server.server.port, server.server.metrics_port)
+    snapshot.parent.rmdir()  # an unmounted volume, say
     server.stop()
     assert "could not save sessions" in caplog.text
     for port in ports:  # the rest of the shutdown ran: both ports are free again
