@@ -242,7 +242,7 @@ def load_version(
         policy = _policy(settings, config, plan)
         runner = runner_for(plan)
     if plan.mode is Mode.EQUAL_LENGTH and policy.max_batch_size > 1:
-        excess = rows_interact(runner, min(max_length, 4))
+        excess = rows_interact(runner, min(max_length, 16))
         if excess > 0:
             note = f"rows of one batch change each other's answers (by {excess:.2e}): one per batch"
             log.warning("model %s version %d: %s", name, version, note)
