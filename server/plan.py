@@ -286,9 +286,18 @@ def _same_computation(a: Any, b: Any, depth: int = 16) -> bool:
         if isinstance(x, keras.KerasTensor) or isinstance(y, keras.KerasTensor):
             if not _same_computation(x, y, depth - 1):
                 return False
-        elif type(x) is not type(y) or not bool(np.all(np.equal(x, y))):
+        elif not _same_value(x, y):
             return False
     return True
+
+
+def _same_value(x: Any, y: Any) -> bool:
+    if type(x) is not type(y):
+        return False
+    try:
+        return bool(np.all(np.equal(x, y)))  # arrays too
+    except Exception:  # values numpy does not compare
+        return bool(x == y)
 
 
 def _config(op: Any) -> dict[str, Any]:
