@@ -38,7 +38,13 @@ class InputSpec:
 
     def __post_init__(self) -> None:
         shape = "[" + ", ".join(["T", *map(str, self.step_shape)]) + "]"
-        what = "int32 token ids" if self.tokens else "float32 features"
+        what = (
+            "float32 features"
+            if not self.tokens
+            else "int32 token ids"
+            if self.vocab_size is not None
+            else "int32 values"
+        )
         object.__setattr__(self, "codes", _INT_CODES if self.tokens else _FLOAT_CODES)
         object.__setattr__(self, "rank", 1 + len(self.step_shape))
         object.__setattr__(
@@ -76,10 +82,13 @@ def decode_sequence(spec: InputSpec, tensor: pb.Tensor, where: str) -> np.ndarra
     array = np.frombuffer(data, dtype).reshape(shape)
     if spec.tokens:
         low, high = int(array.min()), int(array.max())
-        end = spec.vocab_size if spec.vocab_size is not None else _INT32_END
-        if low < 0 or high >= end:
+        if spec.vocab_size is not None:  # ids an Embedding looks up (XLA would clamp the rest)
+            what, start, end = "token ids", 0, spec.vocab_size
+        else:  # integer inputs without an Embedding: any int32
+            what, start, end = "int32 values", -_INT32_END, _INT32_END
+        if low < start or high >= end:
             raise InvalidInput(
-                f"{where}: token ids must be in [0, {end}), got values from {low} to {high}"
+                f"{where}: {what} must be in [{start}, {end}), got values from {low} to {high}"
             )
         return array if dtype is _I32 else array.astype(_I32)
     if dtype is not _F32:

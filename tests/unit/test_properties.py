@@ -109,6 +109,20 @@ def test_decoder_accepts_the_valid_sequences(array: np.ndarray) -> None:
     np.testing.assert_array_equal(got.astype(np.float64), array.astype(np.float64))
 
 
+def test_integer_inputs_without_an_embedding_are_values_not_ids() -> None:
+    """Token ids are checked against the Embedding's vocabulary; an integer input no Embedding
+    reads is a number, negative ones included (they were refused as "token ids")."""
+    values = InputSpec(model="m", step_shape=(), max_length=20, tokens=True)
+    assert "int32 values" in values.description
+    x = np.array([-5, 0, 7], np.int32)
+    np.testing.assert_array_equal(decode_sequence(values, to_tensor(x), "sequence 0"), x)
+    with pytest.raises(InvalidInput, match=r"int32 values must be in \[-2147483648, 2147483648\)"):
+        decode_sequence(values, to_tensor(np.array([1, 2**40], np.int64)), "sequence 0")
+    ids = InputSpec(model="m", step_shape=(), max_length=20, tokens=True, vocab_size=30)
+    with pytest.raises(InvalidInput, match=r"token ids must be in \[0, 30\), got values from -5"):
+        decode_sequence(ids, to_tensor(x), "sequence 0")
+
+
 # ---- batcher ----
 
 
