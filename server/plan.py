@@ -365,7 +365,7 @@ def build_plan(model: Any, *, allow_code: bool = False, equal_length_because: st
             raise _Unsupported(equal_length_because)
         return _exact_plan(graph, nodes, names, base)
     except _Unsupported as why:
-        return _equal_length_plan(model, graph, nodes, names, base, str(why))
+        return _equal_length_plan(model, graph, names, base, str(why))
 
 
 def _output_spec(name: str, tensor: Any, time: Time) -> OutputSpec:
@@ -455,12 +455,12 @@ def _exact_plan(graph: Any, nodes: Sequence[Any], names: list[str], base: dict[s
 
 
 def _equal_length_plan(
-    model: Any, graph: Any, nodes: Sequence[Any], names: list[str], base: dict[str, Any], why: str
+    model: Any, graph: Any, names: list[str], base: dict[str, Any], why: str
 ) -> Plan:
-    for node in nodes:
-        if getattr(node.operation, "stateful", False):
+    for layer in model._flatten_layers(include_self=False, recursive=True):  # nested ones too
+        if getattr(layer, "stateful", False):
             raise InvalidInput(
-                f"layer {node.operation.name} is stateful and the model holds a layer the server "
+                f"layer {layer.name} is stateful and the model holds a layer the server "
                 f"cannot run exactly under padding ({why}); re-save it with stateful=False"
             )
     per_step = _follows_input_length(model, graph, base)

@@ -141,3 +141,19 @@ def test_a_model_whose_rows_interact_is_batched_one_sequence_at_a_time(tmp_path:
         assert served.batcher.policy.max_batch_size == 1
     finally:
         served.runner.forward.close()
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["top_level", "nested"])
+def test_a_stateful_layer_the_engine_cannot_prove_is_refused_with_the_reason(nested: bool) -> None:
+    """Equal-length batching runs the model itself, which would carry state from one batch to
+    the next. A stateful layer inside a nested model used to pass this check and fail later
+    with "inference failed" and no reason."""
+    from rnnserve.server.errors import InvalidInput
+    from rnnserve.server.plan import build_plan
+
+    inp = keras.Input((None, zoo.D), batch_size=1)
+    lstm = L.LSTM(5, stateful=True, return_sequences=True, name="carrier")
+    hidden = keras.Sequential([keras.Input((None, zoo.D), batch_size=1), lstm]) if nested else lstm
+    model = keras.Model(inp, L.Dense(2)(L.GlobalAveragePooling1D()(hidden(inp))))
+    with pytest.raises(InvalidInput, match=r"layer carrier is stateful .* re-save it"):
+        build_plan(model)
