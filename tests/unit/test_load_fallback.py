@@ -124,6 +124,7 @@ def test_a_per_step_output_longer_than_the_input_is_returned_whole(
         served.runner.forward.close()
 
 
+@pytest.mark.filterwarnings("ignore:You are using a softmax over axis 0")  # on purpose here
 def test_a_model_whose_rows_interact_is_batched_one_sequence_at_a_time(tmp_path: Path) -> None:
     """A softmax over the batch axis: equal lengths used to share batches, so each answer
     depended on its neighbours (0.45 where the model alone gives 1.0)."""
