@@ -278,7 +278,7 @@ class AsyncSession:
         if self._open:
             self._open = False
             timeout = self._client.timeout if timeout is None else timeout
-            with contextlib.suppress(TimeoutError, grpc.RpcError):  # ended; the session stays
+            with contextlib.suppress(TimeoutError):  # cancelled by then; the session stays
                 await self._finish(timeout)
         return self.id
 

@@ -314,7 +314,7 @@ class Session:
             self._open = False
             self._end_requests()
             timeout = self._client.timeout if timeout is None else timeout
-            with contextlib.suppress(TimeoutError, grpc.RpcError):  # ended; the session stays
+            with contextlib.suppress(TimeoutError):  # cancelled by then; the session stays
                 self._finish(timeout)
         return self.id
 
