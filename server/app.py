@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import socket
+from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
@@ -89,6 +91,7 @@ class Server:
         self.metrics_port = -1
         self._restored = False  # a stop before the snapshot was read must not overwrite it
         self._grpc: grpc.aio.Server | None = None
+        self._hurry: asyncio.Event | None = None  # set by hurry(): the grace period ends now
         self._tasks: list[asyncio.Task[None]] = []
         self._health_tasks: set[asyncio.Task[None]] = set()
 
@@ -249,13 +252,18 @@ class Server:
         grace = self.settings.grace if grace is None else grace
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        if self._hurry is None:
+            self._hurry = asyncio.Event()
         self.servicer.drain()
         await self.health.enter_graceful_shutdown()
         # New chunks are refused now; once those in flight are done the states are final. Save
         # them before waiting for the other calls, so that a kill after the grace period (or a
         # slow unary call) cannot lose them.
-        if not await self.sessions.quiesce(grace):
-            log.warning("chunks still in flight after %.1f s; saving sessions as they are", grace)
+        await self._unless_hurried(self.sessions.quiesce(grace))
+        if self.sessions.in_flight:
+            log.warning(
+                "%d chunks still in flight; saving sessions as they are", self.sessions.in_flight
+            )
         self.sessions.freeze()  # from here no chunk is applied, so the snapshot stays true
         if self.settings.session_snapshot and self._restored:
             path = Path(self.settings.session_snapshot)
@@ -265,7 +273,10 @@ class Server:
             except Exception as exc:  # the rest of the shutdown must still happen
                 log.error("could not save sessions to %s: %s; they are lost", path, exc)
         if self._grpc is not None:
-            await self._grpc.stop(max(deadline - loop.time(), 0.0))
+            stopping = asyncio.ensure_future(self._grpc.stop(max(deadline - loop.time(), 0.0)))
+            if not await self._unless_hurried(asyncio.shield(stopping)):
+                await self._grpc.stop(0)  # cancels the calls still running
+            await stopping
         for task in self._tasks:
             task.cancel()
             try:
@@ -276,6 +287,30 @@ class Server:
                 log.exception("background task %s had failed", task.get_name())
         await self.repository.close()
         await asyncio.to_thread(self.metrics.close)  # waits for its thread to end
+
+    def hurry(self) -> None:
+        """End the grace period now (a second stop signal): what still runs is cancelled, and
+        sessions are saved as they are."""
+        if self._hurry is None:
+            self._hurry = asyncio.Event()
+        self._hurry.set()
+
+    async def _unless_hurried(self, work: Awaitable[object]) -> bool:
+        """Await `work`; False if `hurry()` came first (`work` is then cancelled)."""
+        assert self._hurry is not None
+        task = asyncio.ensure_future(work)
+        hurried = asyncio.ensure_future(self._hurry.wait())
+        try:
+            await asyncio.wait({task, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurried.cancel()
+        if task.done():
+            task.result()
+            return True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
 
     async def wait(self) -> None:
         if self._grpc is not None:

@@ -69,8 +69,18 @@ async def _run_server(settings: Any) -> int:
         code = 1
     else:
         await stopping  # serving until a signal comes
-        log.info("shutting down: finishing in-flight work (grace %.1fs)", settings.grace)
+        log.info(
+            "shutting down: finishing in-flight work (grace %.1fs; a second signal ends it now)",
+            settings.grace,
+        )
     stopping.cancel()
+
+    def hurry() -> None:
+        log.warning("second stop signal: cancelling the work still running")
+        server.hurry()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, hurry)
     await server.stop(grace=None if code == 0 else 0.0)
     log.info("stopped")
     if server.repository.threads_loading:

@@ -150,6 +150,65 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_keeps_sessions(
         assert not snapshot.exists()
 
 
+def test_a_second_signal_ends_the_grace_period_and_still_saves_sessions(
+    zoo_repository: Any, tmp_path: Path
+) -> None:
+    """The first SIGTERM lets the queued work finish (up to `--grace`, here 120 s); a second one
+    cancels what still runs, saves the sessions and exits at once, as an operator pressing Ctrl-C
+    twice expects. (Before, the second signal was ignored: 41 s here.)"""
+    root = zoo.subset(zoo_repository[0], ["lstm_masked"], tmp_path / "models")
+    snapshot = tmp_path / "sessions.bin"
+    port, metrics_port = free_ports(2)
+    args = ["--model-dir", str(root), "--metrics-port", str(metrics_port), "--grace", "120"]
+    # One sequence per batch, without XLA: the queued work takes ~40 s here, not 2.
+    args += ["--session-snapshot", str(snapshot), "--no-warmup", "--max-batch-size", "1"]
+    args += ["--no-xla"]
+    rng = np.random.default_rng(1)
+    heavy = [rng.normal(size=(3000, zoo.D)).astype(np.float32) for _ in range(64)]
+    senders = 12
+    log = tmp_path / f"server-{port}.log"
+    with (
+        server_process(tmp_path, args, port=port) as (process, target),
+        Client(target, retry=NO_RETRY, timeout=300) as client,
+    ):
+        session = client.open_session("lstm_masked")
+        client.step(session.session_id, heavy[0][:40])
+        results: list[Any] = []
+
+        def send() -> None:
+            try:
+                results.append(client.predict("lstm_masked", heavy, output="sequence"))
+            except grpc.RpcError as err:
+                results.append(err)
+
+        threads = [threading.Thread(target=send) for _ in range(senders)]
+        for t in threads:
+            t.start()
+        _wait_until_queued(metrics_port, senders * len(heavy), steps=3000)
+        process.send_signal(signal.SIGTERM)
+        assert _refused_once_draining(client).code() == grpc.StatusCode.UNAVAILABLE
+        time.sleep(1)
+        assert process.poll() is None  # still finishing the queued work
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+        took = time.monotonic() - signalled
+        for t in threads:
+            t.join(60)
+    said = log.read_text()
+    assert code == 0, said[-3000:]
+    assert took < 15, said[-3000:]
+    assert "second stop signal" in said
+    assert "Traceback" not in said
+    assert len(results) == senders
+    cut = [r for r in results if isinstance(r, grpc.RpcError)]
+    assert cut, "every request finished: the work was too small to show the second signal"
+    assert {r.code() for r in cut} <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
+    with server_process(tmp_path, args, port=port) as (_, target), Client(target) as client:
+        resumed = client.step(session.session_id, heavy[0][40:50], offset=40)
+        assert resumed.total_steps == 50
+
+
 def _wait_until_queued(metrics_port: int, sequences: int, steps: int) -> None:
     """Until every one of `sequences` heavy sequences (`steps` long) is queued or computed: the
     queue depth plus what was computed, short by at most one batch being computed."""
