@@ -32,9 +32,12 @@ from rnnserve.client.connection import (
     close_timeout,
     for_opening,
     metadata,
+    one_at_a_time,
+    open_timeout,
     predict_request,
     remaining,
     retry_delay,
+    stream_ended,
 )
 from rnnserve.client.results import (
     ModelInfo,
@@ -52,6 +55,10 @@ from rnnserve.v1 import inference_pb2_grpc as pb_grpc
 
 
 class AsyncClient:
+    """The asyncio twin of `Client`: the same calls, awaited, with the same timeouts, retries
+    and errors (`grpc.aio.AioRpcError`, a `grpc.RpcError`). A session is opened by
+    `async with client.session(...)` or `await s.open()`."""
+
     def __init__(
         self,
         target: str = "127.0.0.1:8500",
@@ -71,6 +78,7 @@ class AsyncClient:
         self._metadata = metadata(token)
         self.timeout = timeout
         self.retry = retry
+        self._closed = False
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -79,6 +87,7 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        self._closed = True
         await self.channel.close()
 
     async def _call(
@@ -95,6 +104,8 @@ class AsyncClient:
                 delay = None if delay is None else retry_delay(err, delay)
                 left = remaining(deadline)
                 if not retry.allows(err) or delay is None or (left is not None and left <= delay):
+                    raise
+                if self._closed:  # cancelled by our own close(), not shed by the server
                     raise
                 await asyncio.sleep(delay)
 
@@ -130,6 +141,7 @@ class AsyncClient:
         return await self._call(self.stub.ListModels, pb.ListModelsRequest(), timeout, self.retry)
 
     async def health(self, service: str = "", *, timeout: float | None = 5.0) -> bool:
+        """See `Client.health`: raises when there is no answer or no such model."""
         request = health_pb2.HealthCheckRequest(service=service)
         response = await self._call(self._health.Check, request, timeout, NO_RETRY)
         return response.status == health_pb2.HealthCheckResponse.SERVING
@@ -144,16 +156,23 @@ class AsyncClient:
         top_k: int = 0,
         timeout: float | None = None,
     ) -> AsyncSession:
+        """See `Client.session` (`timeout`: a deadline for the whole stream); opened by
+        `async with` or `await s.open()`."""
         return AsyncSession(self, model, version, session_id, output, top_k, timeout)
 
     async def open_session(
-        self, model: str, *, version: int = 0, session_id: str = ""
+        self,
+        model: str,
+        *,
+        version: int = 0,
+        session_id: str = "",
+        timeout: float | None = None,
     ) -> SessionInfo:
         request = pb.OpenSessionRequest(
             model_name=model, model_version=version, session_id=session_id
         )
         retry = for_opening(self.retry)
-        return session_info(await self._call(self.stub.OpenSession, request, None, retry))
+        return session_info(await self._call(self.stub.OpenSession, request, timeout, retry))
 
     async def step(
         self,
@@ -174,16 +193,20 @@ class AsyncClient:
         retry = self.retry if offset is not None else NO_RETRY
         return step_result(await self._call(self.stub.StepSession, request, timeout, retry))
 
-    async def close_session(self, session_id: str) -> SessionInfo:
+    async def close_session(self, session_id: str, *, timeout: float | None = None) -> SessionInfo:
         request = pb.CloseSessionRequest(session_id=session_id)
-        return session_info(await self._call(self.stub.CloseSession, request, None, NO_RETRY))
+        return session_info(await self._call(self.stub.CloseSession, request, timeout, NO_RETRY))
 
-    async def export_session(self, session_id: str, *, remove: bool = False) -> pb.SessionState:
+    async def export_session(
+        self, session_id: str, *, remove: bool = False, timeout: float | None = None
+    ) -> pb.SessionState:
         request = pb.ExportSessionRequest(session_id=session_id, remove=remove)
-        return await self._call(self.stub.ExportSession, request, None, NO_RETRY)
+        return await self._call(self.stub.ExportSession, request, timeout, NO_RETRY)
 
-    async def import_session(self, state: pb.SessionState) -> SessionInfo:
-        return session_info(await self._call(self.stub.ImportSession, state, None, NO_RETRY))
+    async def import_session(
+        self, state: pb.SessionState, *, timeout: float | None = None
+    ) -> SessionInfo:
+        return session_info(await self._call(self.stub.ImportSession, state, timeout, NO_RETRY))
 
 
 class AsyncSession:
@@ -212,17 +235,29 @@ class AsyncSession:
         self._timeout = timeout
         self._call: Any = None
         self._open = False
+        self._sending = False  # a chunk waits for its answer
         self.id = ""
         self.steps = 0
         self.info: SessionInfo | None = None
 
     async def open(self) -> AsyncSession:
+        """Open the stream and the session (or resume it), waiting at most the client's timeout
+        for the server's answer (else `TimeoutError`). A session opens once."""
+        if self._call is not None:
+            raise RuntimeError(
+                "this session has been opened already; client.session(...) makes a new one"
+            )
         self._call = self._client.stub.Stream(
             timeout=self._timeout, metadata=self._client._metadata
         )
+        wait = self._client.timeout
         try:
-            await self._call.write(self._open_message)
-            opened = (await self._call.read()).opened
+            async with asyncio.timeout(wait):
+                await self._call.write(self._open_message)
+                opened = (await self._answer()).opened
+        except TimeoutError as exc:
+            self._abort()
+            raise open_timeout(wait or 0.0) from exc
         except BaseException:
             self._abort()
             raise
@@ -236,12 +271,21 @@ class AsyncSession:
         `timeout` seconds (default: the client's timeout). An error after the chunk went out,
         or the timeout (`TimeoutError`), ends the stream; the session stays to resume."""
         check_open(self._open, self.id)
+        if self._sending:
+            raise one_at_a_time(self.id)
+        self._sending = True
+        try:
+            return await self._send(data, timeout)
+        finally:
+            self._sending = False
+
+    async def _send(self, data: ArrayLike, timeout: float | None) -> StepResult:
         timeout = self._client.timeout if timeout is None else timeout
         message = pb.StreamRequest(chunk=chunk(data, self.steps))
         try:
             async with asyncio.timeout(timeout):
-                await self._call.write(message)
-                result = step_result((await self._call.read()).step)
+                await self._write(message)
+                result = step_result((await self._answer()).step)
         except TimeoutError as exc:
             self._abort()
             raise chunk_timeout(self.id, timeout) from exc
@@ -250,6 +294,33 @@ class AsyncSession:
             raise
         self.steps = result.total_steps
         return result
+
+    async def _write(self, message: pb.StreamRequest) -> None:
+        """Write to the stream; if the server has ended it, raise why (gRPC itself says only
+        that the call has finished)."""
+        try:
+            await self._call.write(message)
+        except asyncio.InvalidStateError:
+            raise await self._ended() from None
+
+    async def _answer(self) -> pb.StreamResponse:
+        answer = await self._call.read()
+        if answer is grpc.aio.EOF:
+            raise await self._ended()
+        return answer
+
+    async def _ended(self) -> Exception:
+        """The status the server ended the stream with, as the error it is."""
+        call = self._call
+        code = await call.code()
+        if code is grpc.StatusCode.OK:
+            return stream_ended(self.id)
+        return grpc.aio.AioRpcError(
+            code,
+            await call.initial_metadata(),
+            await call.trailing_metadata(),
+            await call.details(),
+        )
 
     def _abort(self) -> None:
         """Cancel the stream; the session stays on the server."""
@@ -290,7 +361,7 @@ class AsyncSession:
         try:
             async with asyncio.timeout(timeout):
                 for request in requests:
-                    await self._call.write(request)
+                    await self._write(request)
                 await self._call.done_writing()
                 while await self._call.read() is not grpc.aio.EOF:
                     answers += 1

@@ -20,6 +20,11 @@ from rnnserve.v1 import inference_pb2 as pb
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # gRPC waits longer and longer between attempts to reconnect (up to 120 s), and meanwhile
+    # fails every call at once: a client kept through a server restart of a minute stayed
+    # unusable for ~20 s after the server was back. At most 2 s between attempts here.
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 
@@ -167,6 +172,25 @@ def chunk_timeout(session_id: str, timeout: float) -> TimeoutError:
         "ended, resume the session with client.session(session_id=...) to go on from where the "
         "server is"
     )
+
+
+def open_timeout(timeout: float) -> TimeoutError:
+    return TimeoutError(
+        f"no answer to the session's open within {timeout:g}s; the stream has ended (a session "
+        "the server may have created meanwhile ends with its idle TTL)"
+    )
+
+
+def one_at_a_time(session_id: str) -> RuntimeError:
+    return RuntimeError(
+        f"another send() of session {session_id} is waiting for its answer: a session takes its "
+        "chunks one at a time, in order"
+    )
+
+
+def stream_ended(session_id: str) -> RuntimeError:
+    named = f" of session {session_id}" if session_id else ""
+    return RuntimeError(f"the server ended the stream{named} without an answer")
 
 
 def close_timeout(session_id: str, timeout: float) -> TimeoutError:

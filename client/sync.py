@@ -38,9 +38,12 @@ from rnnserve.client.connection import (
     close_timeout,
     for_opening,
     metadata,
+    one_at_a_time,
+    open_timeout,
     predict_request,
     remaining,
     retry_delay,
+    stream_ended,
 )
 from rnnserve.client.results import (
     ModelInfo,
@@ -61,6 +64,13 @@ T = TypeVar("T")
 
 
 class Client:
+    """A blocking client of one server (`target`: host:port). `timeout` is each call's deadline
+    in seconds (None: no deadline) unless the call is given its own; calls the server refused
+    for a passing reason (UNAVAILABLE, a shed call, a full queue that says when to come back) are
+    retried within it by `retry`. Failures raise `grpc.RpcError` (its `code()` and `details()`
+    say what was expected), and a session's own waits `TimeoutError`. Thread-safe, except
+    that one `Session` takes its chunks one at a time."""
+
     def __init__(
         self,
         target: str = "127.0.0.1:8500",
@@ -81,6 +91,7 @@ class Client:
         self.timeout = timeout
         self.retry = retry
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()  # their streams end on close
+        self._closed = False
 
     def __enter__(self) -> Client:
         return self
@@ -90,6 +101,7 @@ class Client:
 
     def close(self) -> None:
         """Close the channel; the streams of sessions still open end (the sessions stay)."""
+        self._closed = True
         for session in list(self._sessions):
             session._abort()
         self.channel.close()
@@ -108,6 +120,8 @@ class Client:
                 delay = None if delay is None else retry_delay(err, delay)
                 left = remaining(deadline)
                 if not retry.allows(err) or delay is None or (left is not None and left <= delay):
+                    raise
+                if self._closed:  # cancelled by our own close(), not shed by the server
                     raise
                 time.sleep(delay)
 
@@ -142,7 +156,10 @@ class Client:
         return self._call(self.stub.ListModels, pb.ListModelsRequest(), timeout, self.retry)
 
     def health(self, service: str = "", *, timeout: float | None = 5.0) -> bool:
-        """True when the server (or the model named `service`) is SERVING."""
+        """True when the server (or the model named `service`) is SERVING, False when it is
+        NOT_SERVING (draining, or the model not loaded). Raises `grpc.RpcError` when there is no
+        answer (UNAVAILABLE: nothing listens there) or the server knows no such model
+        (NOT_FOUND)."""
         request = health_pb2.HealthCheckRequest(service=service)
         response = self._call(self._health.Check, request, timeout, NO_RETRY)
         return response.status == health_pb2.HealthCheckResponse.SERVING
@@ -159,15 +176,24 @@ class Client:
         top_k: int = 0,
         timeout: float | None = None,
     ) -> Session:
-        """A streaming session over one gRPC stream; pass `session_id` to resume one."""
+        """A streaming session over one gRPC stream; pass `session_id` to resume one. `timeout`
+        is a deadline for the whole stream (None: none); each chunk waits at most the client's
+        timeout for its answer (`send(timeout=)`), and so does the open."""
         return Session(self, model, version, session_id, output, top_k, timeout)
 
-    def open_session(self, model: str, *, version: int = 0, session_id: str = "") -> SessionInfo:
+    def open_session(
+        self,
+        model: str,
+        *,
+        version: int = 0,
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> SessionInfo:
         request = pb.OpenSessionRequest(
             model_name=model, model_version=version, session_id=session_id
         )
         retry = for_opening(self.retry)
-        return session_info(self._call(self.stub.OpenSession, request, None, retry))
+        return session_info(self._call(self.stub.OpenSession, request, timeout, retry))
 
     def step(
         self,
@@ -189,16 +215,20 @@ class Client:
         retry = self.retry if offset is not None else NO_RETRY
         return step_result(self._call(self.stub.StepSession, request, timeout, retry))
 
-    def close_session(self, session_id: str) -> SessionInfo:
+    def close_session(self, session_id: str, *, timeout: float | None = None) -> SessionInfo:
         request = pb.CloseSessionRequest(session_id=session_id)
-        return session_info(self._call(self.stub.CloseSession, request, None, NO_RETRY))
+        return session_info(self._call(self.stub.CloseSession, request, timeout, NO_RETRY))
 
-    def export_session(self, session_id: str, *, remove: bool = False) -> pb.SessionState:
+    def export_session(
+        self, session_id: str, *, remove: bool = False, timeout: float | None = None
+    ) -> pb.SessionState:
         request = pb.ExportSessionRequest(session_id=session_id, remove=remove)
-        return self._call(self.stub.ExportSession, request, None, NO_RETRY)
+        return self._call(self.stub.ExportSession, request, timeout, NO_RETRY)
 
-    def import_session(self, state: pb.SessionState) -> SessionInfo:
-        return session_info(self._call(self.stub.ImportSession, state, None, NO_RETRY))
+    def import_session(
+        self, state: pb.SessionState, *, timeout: float | None = None
+    ) -> SessionInfo:
+        return session_info(self._call(self.stub.ImportSession, state, timeout, NO_RETRY))
 
 
 class Session:
@@ -235,20 +265,35 @@ class Session:
         self._end_requests = weakref.finalize(self, self._requests.put, None)
         self._client = client
         self._open = False
+        self._sending = threading.Lock()  # held while a chunk waits for its answer
         client._sessions.add(self)
+        wait = client.timeout
+        expired = threading.Event()
+        alarm = None
         try:
-            self._call = client.stub.Stream(
+            self._call = call = client.stub.Stream(
                 iter(self._requests.get, None), timeout=timeout, metadata=client._metadata
             )
             # A session dropped, or still open at interpreter exit, ends its call now, not after
             # the server answers the half-close: see `_finish`.
             weakref.finalize(self, self._call.cancel)
             self._responses: Iterator[pb.StreamResponse] = iter(self._call)
-            opened = next(self._responses).opened
+
+            def expire() -> None:
+                expired.set()
+                call.cancel()
+
+            alarm = None if wait is None else WATCHDOG.after(wait, expire)
+            opened = _next(self._responses, session_id).opened
             self.info = session_info(opened)
-        except BaseException:
+        except BaseException as exc:
             self._abort()
+            if wait is not None and expired.is_set():
+                raise open_timeout(wait) from exc
             raise
+        finally:
+            if alarm is not None:
+                alarm.cancel()
         self.id = opened.session_id
         self.steps = opened.steps
         self._open = True
@@ -259,6 +304,14 @@ class Session:
         went out ends the stream (the server has ended it, or it is out of step); so does the
         timeout (`TimeoutError`), and the resumed session tells how far it got."""
         check_open(self._open, self.id)
+        if not self._sending.acquire(blocking=False):
+            raise one_at_a_time(self.id)
+        try:
+            return self._send(data, timeout)
+        finally:
+            self._sending.release()
+
+    def _send(self, data: ArrayLike, timeout: float | None) -> StepResult:
         timeout = self._client.timeout if timeout is None else timeout
         expired = threading.Event()
         call = self._call  # (not `self`: the timer must not keep the session alive)
@@ -270,7 +323,7 @@ class Session:
         self._requests.put(pb.StreamRequest(chunk=chunk(data, self.steps)))
         alarm = None if timeout is None else WATCHDOG.after(timeout, expire)
         try:
-            result = step_result(next(self._responses).step)
+            result = step_result(_next(self._responses, self.id).step)
         except BaseException as exc:
             self._abort()
             if timeout is not None and expired.is_set():
@@ -350,3 +403,11 @@ class Session:
             self.close()
         else:
             self._abort()
+
+
+def _next(responses: Iterator[pb.StreamResponse], session_id: str) -> pb.StreamResponse:
+    """The stream's next answer; a stream the server ended without an error has none."""
+    answer = next(responses, None)
+    if answer is None:
+        raise stream_ended(session_id)
+    return answer
