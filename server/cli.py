@@ -119,17 +119,39 @@ def _read_sequences(
     return named
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
+    return value
+
+
+def _numbers(line: str) -> bool:
+    try:
+        [float(field) for field in line.split(",")]
+    except ValueError:
+        return False
+    return True
+
+
 def _read_npy(path: Path) -> np.ndarray:
     loaded = np.load(path)
     if not isinstance(loaded, np.ndarray):  # np.load opens any .npz archive, whatever its name
         loaded.close()
         raise SystemExit(f"{path}: an .npz archive named .npy; rename it to .npz")
+    if loaded.ndim == 1 and loaded.dtype.kind == "f":  # one feature per step, as a 1-column .csv
+        return loaded[:, None]
     return loaded
 
 
 def _read_csv(path: Path, tokens: Callable[[], bool]) -> np.ndarray:
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if lines and not _numbers(lines[0]):
+        lines = lines[1:]  # a header row
+    if not lines:
+        raise SystemExit(f"{path}: no rows of numbers; expected one row per timestep")
     try:
-        values = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+        values = np.loadtxt(lines, delimiter=",", ndmin=2, dtype=np.float64)
     except ValueError as exc:
         raise SystemExit(f"{path}: expected comma-separated numbers ({exc})") from None
     if not tokens():  # asked after the read: a file that cannot be read needs no server
@@ -174,6 +196,10 @@ def _predict(args: argparse.Namespace) -> int:
             )
         except grpc.RpcError as err:
             return _refused(err, _name_sequence(err.details() or "", [n for n, _ in named]))
+        labels: dict[str, tuple[str, ...]] = {}
+        if any(o.step_classes is not None for p in predictions for o in p.outputs.values()):
+            info = client.metadata(args.model, args.version)
+            labels = {o.name: o.labels for o in info.outputs}
     rows = []
     for (name, _), p in zip(named, predictions, strict=True):
         row: dict[str, Any] = {"input": name, "length": p.length}
@@ -187,6 +213,11 @@ def _predict(args: argparse.Namespace) -> int:
                 value["sequence"] = out.sequence.tolist()
             if out.steps is not None:
                 value["steps"] = out.steps.tolist()
+            if out.step_classes is not None:
+                value["step_classes"] = out.step_classes.tolist()
+                names = labels.get(out.name)
+                if names:
+                    value["step_labels"] = [names[c] for c in out.step_classes]
             row[out.name] = value
         rows.append(row)
     for row in rows:
@@ -262,7 +293,7 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
         help="server address host:port (default: %(default)s; env RNNSERVE_TARGET, else "
         "127.0.0.1:$RNNSERVE_PORT, else 127.0.0.1:8500)",
     )
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    parser.add_argument("--timeout", type=_seconds, default=30.0, help="seconds per call")
     parser.add_argument("--token", help="bearer token (or env RNNSERVE_TOKEN)")
     parser.add_argument(
         "--tls", action="store_true", help="use TLS, trusting the system's CAs unless --ca is given"

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from rnnserve.server.cli import main, parser
+from rnnserve.server.cli import _read_sequences, main, parser
 
 import zoo
 
@@ -49,6 +49,34 @@ def test_an_archive_named_npy_is_refused_not_sent(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["predict", "m", str(path), "--target", NOWHERE])
     assert str(exc.value) == f"{path}: an .npz archive named .npy; rename it to .npz"
+
+
+def test_inputs_read_as_a_user_writes_them(tmp_path: Path) -> None:
+    """A header row in a .csv is skipped (numpy's error on 'f0' before), an empty .csv says so
+    (a numpy warning and a server error before), and a 1-D float .npy is one feature per step,
+    as a one-column .csv already was (refused as "expected [T, 1]" before)."""
+    (tmp_path / "header.csv").write_text("f0,f1\n1,2\n3,4\n")
+    (tmp_path / "empty.csv").write_text("\n")
+    np.save(tmp_path / "flat.npy", np.arange(5, dtype=np.float32))
+    read = _read_sequences([str(tmp_path / n) for n in ("header.csv", "flat.npy")], lambda: False)
+    assert [x.tolist() for _, x in read] == [[[1, 2], [3, 4]], [[0], [1], [2], [3], [4]]]
+    with pytest.raises(SystemExit) as exc:
+        _read_sequences([str(tmp_path / "empty.csv")], lambda: False)
+    assert (
+        str(exc.value)
+        == f"{tmp_path / 'empty.csv'}: no rows of numbers; expected one row per timestep"
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_a_timeout_that_cannot_work_is_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It used to be sent, and every call ended DEADLINE_EXCEEDED."""
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "m", "x.npy", "--timeout", value, "--target", NOWHERE])
+    assert exc.value.code == 2
+    assert f"expected a number of seconds > 0, got {value}" in capsys.readouterr().err
 
 
 def test_health_of_an_unknown_model_says_so_and_lists_the_served(

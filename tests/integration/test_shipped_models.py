@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from rnnserve.client import AsyncClient, Client
+from rnnserve.server.cli import main
 
 from conftest import RunningServer
 
@@ -119,3 +120,19 @@ def test_streaming_model_per_frame_tags_match_the_model_and_its_card(shipped: An
             got.append(session.send(x[at : at + size]).output.steps)
             at += size
     np.testing.assert_allclose(np.concatenate(got), eager, atol=ATOL, rtol=0)
+
+
+def test_the_command_line_names_each_frames_class(
+    shipped: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rnnserve predict` of a per-frame model printed only the raw per-step scores."""
+    streams, _ = recipe("vowels_stream").load_test_split()
+    x = streams[0][:7]
+    np.save(tmp_path / "frames.npy", x)
+    argv = ["predict", "vowels_stream", str(tmp_path / "frames.npy"), "--target", shipped.target]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)["speaker"]
+    want = Client(shipped.target).predict("vowels_stream", [x])[0].output.step_classes
+    assert printed["step_classes"] == want.tolist()
+    labels = Client(shipped.target).metadata("vowels_stream").outputs[0].labels
+    assert printed["step_labels"] == [labels[c] for c in want]
