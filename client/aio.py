@@ -41,6 +41,7 @@ from rnnserve.client.connection import (
 )
 from rnnserve.client.results import (
     ModelInfo,
+    OutputMode,
     Prediction,
     SessionInfo,
     StepResult,
@@ -115,7 +116,7 @@ class AsyncClient:
         sequences: Sequence[ArrayLike],
         *,
         version: int = 0,
-        output: str = "default",
+        output: OutputMode = "default",
         top_k: int = 0,
         outputs: Sequence[str] | None = None,
         timeout: float | None = None,
@@ -152,7 +153,7 @@ class AsyncClient:
         *,
         version: int = 0,
         session_id: str = "",
-        output: str = "both",
+        output: OutputMode = "both",
         top_k: int = 0,
         timeout: float | None = None,
     ) -> AsyncSession:
@@ -180,7 +181,7 @@ class AsyncClient:
         data: ArrayLike,
         *,
         offset: int | None = None,
-        output: str = "both",
+        output: OutputMode = "both",
         top_k: int = 0,
         timeout: float | None = None,
     ) -> StepResult:
@@ -218,7 +219,7 @@ class AsyncSession:
         model: str,
         version: int,
         session_id: str,
-        output: str,
+        output: OutputMode,
         top_k: int,
         timeout: float | None,
     ) -> None:

@@ -141,6 +141,13 @@ def predict_request(
     top_k: int,
     outputs: Sequence[str] | None,
 ) -> pb.PredictRequest:
+    if isinstance(sequences, np.ndarray):  # one [T, D] array would go as T sequences of [D]
+        raise TypeError(
+            "sequences must be a list of arrays, one per sequence: predict(model, [x]) or "
+            "predict_one(model, x) for one"
+        )
+    if isinstance(outputs, str):  # one name, not its letters
+        outputs = [outputs]
     return pb.PredictRequest(
         model_name=model,
         model_version=version,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from rnnserve.client.tensors import dtype_name, from_tensor
 from rnnserve.v1 import inference_pb2 as pb
 
+# What `output=` takes: each output in its own kind, one row per sequence, per step, or both.
+OutputMode = Literal["default", "sequence", "steps", "both"]
 OUTPUT_MODES: Mapping[str, int] = {
     "default": pb.OUTPUT_MODE_DEFAULT,
     "sequence": pb.OUTPUT_MODE_SEQUENCE,
@@ -34,6 +37,9 @@ class ClassScore:
 
 @dataclass(frozen=True)
 class Output:
+    """One output of one sequence. Its arrays are read-only views of the response's bytes (no
+    copy); `np.array(...)` gives a copy to change."""
+
     name: str
     sequence: np.ndarray | None  # [n]: for the whole sequence (or everything streamed so far)
     steps: np.ndarray | None  # [T, n]: one row per timestep

@@ -47,6 +47,7 @@ from rnnserve.client.connection import (
 )
 from rnnserve.client.results import (
     ModelInfo,
+    OutputMode,
     Prediction,
     SessionInfo,
     StepResult,
@@ -133,7 +134,7 @@ class Client:
         sequences: Sequence[ArrayLike],
         *,
         version: int = 0,
-        output: str = "default",
+        output: OutputMode = "default",
         top_k: int = 0,
         outputs: Sequence[str] | None = None,
         timeout: float | None = None,
@@ -172,7 +173,7 @@ class Client:
         *,
         version: int = 0,
         session_id: str = "",
-        output: str = "both",
+        output: OutputMode = "both",
         top_k: int = 0,
         timeout: float | None = None,
     ) -> Session:
@@ -201,7 +202,7 @@ class Client:
         data: ArrayLike,
         *,
         offset: int | None = None,
-        output: str = "both",
+        output: OutputMode = "both",
         top_k: int = 0,
         timeout: float | None = None,
     ) -> StepResult:
@@ -243,7 +244,7 @@ class Session:
         model: str,
         version: int,
         session_id: str,
-        output: str,
+        output: OutputMode,
         top_k: int,
         timeout: float | None,
     ) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from rnnserve.client import AsyncClient, Client
+from rnnserve.client.connection import predict_request
 from rnnserve.v1 import inference_pb2 as pb
 from rnnserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -219,3 +220,14 @@ def _answers(client: Client, refused: list[grpc.StatusCode]) -> bool:
         refused.append(err.code())
         return False
     return True
+
+
+def test_one_array_or_one_output_name_is_taken_as_meant() -> None:
+    """One [T, D] array went as T sequences of [D] (refused by the server as a wrong shape), and
+    `outputs="speaker"` as seven output names."""
+    with pytest.raises(TypeError, match="a list of arrays, one per sequence"):
+        predict_request(
+            "m", np.zeros((5, 2), np.float32), version=0, output="default", top_k=0, outputs=None
+        )  # type: ignore[arg-type]
+    request = predict_request("m", [X], version=0, output="default", top_k=0, outputs="speaker")
+    assert list(request.output_names) == ["speaker"]
