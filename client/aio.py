@@ -254,7 +254,7 @@ class AsyncSession:
         wait = self._client.timeout
         try:
             async with asyncio.timeout(wait):
-                await self._call.write(self._open_message)
+                await self._write(self._open_message)
                 opened = (await self._answer()).opened
         except TimeoutError as exc:
             self._abort()

@@ -87,6 +87,12 @@ class BatcherStats:
 BatchObserver = Callable[[BatchStats, Sequence[float]], None]
 
 
+def batch_threads(policy: BatchPolicy, name: str) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers=policy.workers, thread_name_prefix=f"batch-{name}"
+    )
+
+
 class Batcher:
     def __init__(
         self,
@@ -95,6 +101,7 @@ class Batcher:
         *,
         name: str = "model",
         observer: BatchObserver | None = None,
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
         self.runner = runner
         self.policy = policy
@@ -102,9 +109,8 @@ class Batcher:
         self.stats = BatcherStats()
         self._observer = observer
         self._pending: list[WorkItem] = []
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=policy.workers, thread_name_prefix=f"batch-{name}"
-        )
+        # Runs `runner.run`: batch threads, or a compute process (`compute_process`).
+        self._executor = executor or batch_threads(policy, name)
         # Created on first use, on the running loop.
         self._wakeup: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None  # set whenever the queue empties and work ends

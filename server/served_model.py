@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from rnnserve.server.batching import Batcher, BatchObserver, BatchPolicy
+from rnnserve.server.batching import Batcher, BatchObserver, BatchPolicy, batch_threads
+from rnnserve.server.compute_process import ChildSpec, ComputeProcess
 from rnnserve.server.errors import InvalidInput, quoted
 from rnnserve.server.forward import Forward
 from rnnserve.server.inputs import InputSpec
@@ -248,10 +249,22 @@ def load_version(
             log.warning("model %s version %d: %s", name, version, note)
             plan = dataclasses.replace(plan, notes=(*plan.notes, note))
             policy = dataclasses.replace(policy, max_batch_size=1)
-    if settings.warmup:
+    compute = None
+    if settings.compute_process and plan.mode is not Mode.EQUAL_LENGTH:
+        spec = ChildSpec(
+            str(path),
+            settings.allow_code,
+            settings.xla,
+            policy.max_batch_size,
+            max_length if settings.warmup else 0,
+        )
+        threads = batch_threads(policy, f"{name}:{version}")
+        compute = ComputeProcess(spec, threads, name=f"{name}:{version}")
+        plan = dataclasses.replace(plan, notes=(*plan.notes, "batches computed in a child process"))
+    elif settings.warmup:
         compile_typical_shapes(runner.forward, policy.max_batch_size, max_length)
     policy = measure_costs(runner, policy, max_length)
-    batcher = Batcher(runner, policy, name=f"{name}:{version}", observer=observer)
+    batcher = Batcher(runner, policy, name=f"{name}:{version}", observer=observer, executor=compute)
     served = ServedModel(
         name=name,
         version=version,

@@ -93,6 +93,11 @@ class Settings:
         True, "compile XLA for typical shapes before a model takes traffic (slower start)"
     )
     xla: bool = _setting(True, "run batches through XLA programs compiled per shape bucket")
+    compute_process: bool = _setting(
+        False,
+        "compute each model's batches in a child process of its own (a second copy of the "
+        "model; the event loop no longer waits on the model's calls)",
+    )
     # Operations.
     grace: float = _setting(
         20.0, "seconds to finish in-flight work on SIGTERM before exiting", low=0
