@@ -509,7 +509,7 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append(
             f"- front door with answers cached / echo at concurrency {r['at_concurrency']}: "
             f"**{r['frontdoor_vs_echo']:.2f}** (rnnserve's request path on top of gRPC, with no "
-            "batching and no compute: a ceiling for (a))"
+            "batching and no compute: about a ceiling for (a), not for (a'))"
         )
     if payload.get("disturbance"):
         lines.append(f"- other processes busy at start: {'; '.join(payload['disturbance'])}")

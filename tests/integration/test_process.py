@@ -114,14 +114,7 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_keeps_sessions(
             # A stream held open between chunks must not hold up the shutdown.
             idle = IdleStream(target, "lstm_masked", heavy[1][:30])
             results: list[Any] = []
-
-            def send() -> None:
-                try:
-                    results.append(client.predict("lstm_masked", heavy, output="sequence"))
-                except grpc.RpcError as err:
-                    results.append(err)
-
-            senders = [threading.Thread(target=send) for _ in range(4)]
+            senders = _senders(client, heavy, 4, results)
             for t in senders:
                 t.start()
             _wait_until_queued(metrics_port, len(senders) * len(heavy), steps=3000)
@@ -174,14 +167,7 @@ def test_a_second_signal_ends_the_grace_period_and_still_saves_sessions(
         session = client.open_session("lstm_masked")
         client.step(session.session_id, heavy[0][:40])
         results: list[Any] = []
-
-        def send() -> None:
-            try:
-                results.append(client.predict("lstm_masked", heavy, output="sequence"))
-            except grpc.RpcError as err:
-                results.append(err)
-
-        threads = [threading.Thread(target=send) for _ in range(senders)]
+        threads = _senders(client, heavy, senders, results)
         for t in threads:
             t.start()
         _wait_until_queued(metrics_port, senders * len(heavy), steps=3000)
@@ -207,6 +193,20 @@ def test_a_second_signal_ends_the_grace_period_and_still_saves_sessions(
     with server_process(tmp_path, args, port=port) as (_, target), Client(target) as client:
         resumed = client.step(session.session_id, heavy[0][40:50], offset=40)
         assert resumed.total_steps == 50
+
+
+def _senders(
+    client: Client, heavy: list[np.ndarray], count: int, results: list[Any]
+) -> list[threading.Thread]:
+    """Threads (not started) that each send `heavy` in one Predict and keep the outcome."""
+
+    def send() -> None:
+        try:
+            results.append(client.predict("lstm_masked", heavy, output="sequence"))
+        except grpc.RpcError as err:
+            results.append(err)
+
+    return [threading.Thread(target=send) for _ in range(count)]
 
 
 def _wait_until_queued(metrics_port: int, sequences: int, steps: int) -> None:

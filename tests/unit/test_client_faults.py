@@ -15,6 +15,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
+from fake_server import serving
 
 from rnnserve.client import AsyncClient, Client
 from rnnserve.client.connection import predict_request
@@ -59,28 +60,8 @@ class _Scripted(pb_grpc.InferenceServicer):
 
 @pytest.fixture(scope="module")
 def target() -> Iterator[str]:
-    ready = threading.Event()
-    stop: list[asyncio.Event] = []
-    address: list[str] = []
-
-    async def serve() -> None:
-        server = grpc.aio.server()
-        pb_grpc.add_InferenceServicer_to_server(_Scripted(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        address.append(f"127.0.0.1:{port}")
-        stop.append(asyncio.Event())
-        ready.set()
-        await stop[0].wait()
-        await server.stop(grace=None)
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert ready.wait(30)
-    yield address[0]
-    loop.call_soon_threadsafe(stop[0].set)
-    thread.join(30)
+    with serving(_Scripted()) as address:
+        yield address
 
 
 def test_an_open_without_answer_gives_up_after_the_clients_timeout(target: str) -> None:

@@ -5,12 +5,12 @@ says the session may still be on the server, and both leave the call finished.""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
+from fake_server import serving
 
 from rnnserve.client import AsyncClient, Client
 from rnnserve.v1 import inference_pb2 as pb
@@ -35,28 +35,8 @@ class _Stalling(pb_grpc.InferenceServicer):
 
 @pytest.fixture(scope="module")
 def target() -> Iterator[str]:
-    ready = threading.Event()
-    stop: list[asyncio.Event] = []
-    address: list[str] = []
-
-    async def serve() -> None:
-        server = grpc.aio.server()
-        pb_grpc.add_InferenceServicer_to_server(_Stalling(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        address.append(f"127.0.0.1:{port}")
-        stop.append(asyncio.Event())
-        ready.set()
-        await stop[0].wait()
-        await server.stop(grace=None)
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert ready.wait(30)
-    yield address[0]
-    loop.call_soon_threadsafe(stop[0].set)
-    thread.join(30)
+    with serving(_Stalling()) as address:
+        yield address
 
 
 def test_a_blocking_close_gives_up_after_its_timeout(target: str) -> None:
