@@ -73,8 +73,8 @@ def _child(conn: Connection, spec: ChildSpec) -> None:
     while True:
         try:
             sequences, states = pickle.loads(conn.recv_bytes())
-        except EOFError:
-            return
+        except EOFError:  # the parent is done with it (or gone)
+            os._exit(0)  # not waiting for background compiles at interpreter exit
         cells: list[int] = []
         results = runner.run(sequences, states, cells)
         conn.send_bytes(pickle.dumps((results, cells), protocol=pickle.HIGHEST_PROTOCOL))

@@ -259,9 +259,15 @@ def load_version(
             max_length if settings.warmup else 0,
         )
         threads = batch_threads(policy, f"{name}:{version}")
-        compute = ComputeProcess(spec, threads, name=f"{name}:{version}")
-        plan = dataclasses.replace(plan, notes=(*plan.notes, "batches computed in a child process"))
-    elif settings.warmup:
+        try:
+            compute = ComputeProcess(spec, threads, name=f"{name}:{version}")
+        except RuntimeError as exc:  # the model serves all the same, in this process
+            log.error("model %s version %d: %s; computing in process", name, version, exc)
+            threads.shutdown(wait=False)
+        else:
+            note = "batches computed in a child process"
+            plan = dataclasses.replace(plan, notes=(*plan.notes, note))
+    if compute is None and settings.warmup:
         compile_typical_shapes(runner.forward, policy.max_batch_size, max_length)
     policy = measure_costs(runner, policy, max_length)
     batcher = Batcher(runner, policy, name=f"{name}:{version}", observer=observer, executor=compute)
