@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SERVERS = ["rnnserve", "careful", "echo", "frontdoor"]
+SERVERS = ["rnnserve", "rnnserve-cp", "careful", "echo", "frontdoor"]
 
 
 @pytest.mark.slow
@@ -60,6 +60,8 @@ def test_bench_predict_smoke(tmp_path: Path) -> None:
         "frontdoor_vs_echo",
     ):
         assert key in ratios, key
+    assert set(ratios["compute_process"]) == {"vs_limit", "vs_careful", "p50_gap_ms"}
     table = (tmp_path / "predict.md").read_text()
     assert "(f) rnnserve front door only" in table
     assert "rnnserve / min(compute limit, transport limit)" in table
+    assert "(a') with `--compute-process`" in table
