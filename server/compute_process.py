@@ -10,8 +10,9 @@ compiles at start.
 
 The child loads the same file and builds the same plan (only models the padded engine serves as
 planned come here: the self-check passed in the parent). It computes one batch at a time on one
-TensorFlow thread, leaving the other cores to the serving process. Batches go over a pipe, whose
-answer wakes the event loop directly. If the child dies, the batch in flight fails like a dead
+TensorFlow thread, leaving the other cores to the serving process (with `workers` > 1, the other
+workers' batches run in process meanwhile). Batches go over a pipe, whose answer wakes the event
+loop directly. If the child dies, the batch in flight fails like a dead
 batch worker (its sequences are requeued) and every later batch runs in the serving process.
 """
 
@@ -111,7 +112,9 @@ class ComputeProcess(concurrent.futures.Executor):
     def submit(  # type: ignore[override]
         self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> concurrent.futures.Future[Any]:
-        if not self.alive:
+        if not self.alive or self._waiting:
+            # One batch at a time: a second one (`--workers` > 1) would block the event loop in
+            # `send_bytes` while the child computes the first, so it runs in process.
             return self._fallback.submit(fn, *args, **kwargs)
         sequences, states, *rest = args
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
